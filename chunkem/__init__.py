@@ -1,0 +1,20 @@
+"""chunkem: chunked cryo-EM map and tomogram processing on Dask.
+
+Public API: file I/O (:func:`open_map`, :func:`save`, :func:`open_model`),
+Volume helpers (:func:`make_volume`) and the operations.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import config  # noqa: F401  (registers the chunkem dask.config defaults)
+from .errors import ChunkemError
+from .volume import make_volume, validate_volume
+
+__all__ = [
+    "__version__",
+    "ChunkemError",
+    "make_volume",
+    "validate_volume",
+]

@@ -1,0 +1,1 @@
+"""The ``chunkem`` command line: one module per verb (see :mod:`chunkem.cli.main`)."""

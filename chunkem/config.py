@@ -1,0 +1,50 @@
+"""chunkem runtime configuration (dask.config style).
+
+All knobs live under the ``chunkem`` namespace of :mod:`dask.config`, so they
+can be set in three equivalent ways:
+
+* in Python: ``dask.config.set({"chunkem.chunks": 128})``;
+* in a YAML file in ``~/.config/dask/chunkem.yaml`` (or any dask config path)::
+
+      chunkem:
+        chunks: 128
+        scheduler: tcp://host:8786
+
+* through environment variables: ``DASK_CHUNKEM__CHUNKS=128``,
+  ``DASK_CHUNKEM__SCHEDULER=tcp://host:8786``.
+
+The CLI flags of every verb (``--chunks``, ``--scheduler``, ``--workers``,
+``--memory-limit``, ``--cluster``) override these values.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.config
+
+DEFAULTS: dict[str, Any] = {
+    # edge length (voxels) of chunks for maps read from disk / written to zarr
+    "chunks": 128,
+    # memory (bytes) above which an FFT is done by slab decomposition rather
+    # than by gathering the map into one chunk
+    "fft-gather-limit": 1_500_000_000,
+    # compute backend: "auto" | "threads" | "local" | "slurm"
+    "cluster": "auto",
+    # address of an existing scheduler (overrides "cluster")
+    "scheduler": None,
+    "workers": None,
+    "threads-per-worker": None,
+    "memory-limit": "auto",
+    # maps with fewer voxels than this run on the threaded scheduler in "auto"
+    "threads-max-voxels": 512**3,
+    "slurm": {},
+    "progress": True,
+}
+
+dask.config.update_defaults({"chunkem": DEFAULTS})
+
+
+def get(key: str, default: Any = None) -> Any:
+    """Return the chunkem setting ``key`` (dots for nesting)."""
+    return dask.config.get(f"chunkem.{key}", default=default)
