@@ -1,0 +1,41 @@
+"""Shared fixtures.
+
+Real maps and models come from ``../shared/data`` beside the repository (never
+copied into it). Tests that need them skip with a clear reason when that
+folder is absent (a user's fresh clone).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("CHUNKEM_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+SHARED_REFERENCE = SHARED / "reference"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real test data not available: {path} is absent (it lives in ../shared beside the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of real maps/models (``../shared/data``); skips when absent."""
+    return _need(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def shared_reference() -> Path:
+    """Folder of peer-tool reference outputs (``../shared/reference``); skips when absent."""
+    return _need(SHARED_REFERENCE)
+
+
+def data_file(relpath: str) -> Path:
+    """Path of one file under ``../shared/data``; skips the calling test when absent."""
+    return _need(SHARED_DATA / relpath)
