@@ -1,0 +1,48 @@
+"""The CLI dispatcher: verbs are discovered, errors are one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from chunkem.cli import main as climain
+from chunkem.errors import InputFileError
+
+
+def test_every_verb_has_help_with_an_example(capsys):
+    verbs = climain._verb_modules()
+    assert "demo" in verbs
+    for name, mod in verbs.items():
+        doc = mod.__doc__ or ""
+        assert "Example" in doc, f"chunkem {name}: help text has no example"
+        with pytest.raises(SystemExit) as exc:
+            climain.main([name, "--help"])
+        assert exc.value.code == 0
+        assert name in capsys.readouterr().out
+
+
+def test_chunkem_error_is_one_line_without_traceback(monkeypatch, capsys):
+    def boom(args: argparse.Namespace) -> int:
+        raise InputFileError("missing.mrc: no such file")
+
+    parser = climain.build_parser()
+    real_parse = parser.parse_args
+
+    def parse(argv=None):
+        ns = real_parse(argv)
+        ns._verb_main = boom
+        return ns
+
+    monkeypatch.setattr(climain, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", parse)
+    rc = climain.main(["demo"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == "chunkem demo: error: missing.mrc: no such file"
+    assert "Traceback" not in err
+
+
+def test_no_verb_prints_help(capsys):
+    assert climain.main([]) == 1
+    assert "chunkem demo" in capsys.readouterr().out
