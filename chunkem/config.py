@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     # memory (bytes) above which an FFT is done by slab decomposition rather
     # than by gathering the map into one chunk
     "fft-gather-limit": 1_500_000_000,
+    # bytes per z-slab / z-pencil chunk in the slab FFT decomposition
+    "fft-slab-bytes": 64 * 2**20,
     # compute backend: "auto" | "threads" | "local" | "slurm"
     "cluster": "auto",
     # address of an existing scheduler (overrides "cluster")
@@ -40,6 +42,12 @@ DEFAULTS: dict[str, Any] = {
     "threads-max-voxels": 512**3,
     "slurm": {},
     "progress": True,
+    # seconds a computation must run before its progress bar shows
+    "progress-minimum": 1.0,
+    # timeout for connecting to a scheduler given by address
+    "connect-timeout": "20s",
+    # dashboard address for an embedded LocalCluster (None = no dashboard)
+    "dashboard": None,
 }
 
 dask.config.update_defaults({"chunkem": DEFAULTS})

@@ -1,0 +1,263 @@
+"""LOCAL stages: a numpy kernel run over the chunks of one or more Volumes with a halo.
+
+The op states how far its output depends on its input (``reach``, in Å, from
+the physics: a smoothing width, a window radius, an atom's reach); this
+module turns it into a halo per axis, ``ceil(reach / voxel_size)``, and runs
+the kernel with :func:`dask.array.map_overlap`.
+
+With ``boundary="none"`` (the default) a block at the true edge of the map is
+simply truncated there, and the kernel's own edge mode (e.g. scipy.ndimage's
+``mode="reflect"``) handles the edge exactly as it would on the whole array:
+when the halo covers the kernel's reach the chunked result is bit-identical
+to one whole-array call, and the graph has about 4x fewer tasks than with a
+padding boundary.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from ..errors import GeometryError, ParameterError
+from ..volume import as_triple, check_aligned, like, origin, voxel_size
+from .chunks import min_chunk_chunks
+
+__all__ = ["halo_voxels", "run_local", "BOUNDARIES"]
+
+BOUNDARIES = ("none", "periodic", "reflect", "nearest")
+# numpy.pad modes equivalent to dask's overlap boundaries (dask "reflect"
+# repeats the edge voxel, which is numpy's "symmetric")
+_NP_PAD = {"periodic": "wrap", "reflect": "symmetric", "nearest": "edge"}
+
+
+def halo_voxels(reach: float | Sequence[float], voxel_size: float | Sequence[float]) -> tuple[int, int, int]:
+    """Halo depth per axis (z, y, x) in voxels for a reach in Å.
+
+    ``ceil(reach / voxel_size)`` per axis (a reach that is an exact multiple
+    of the voxel size, up to 1e-9 relative, is not rounded up).
+
+    Examples
+    --------
+    >>> halo_voxels(10.0, (2.0, 3.0, 4.0))
+    (5, 4, 3)
+    """
+    r = as_triple(reach, "reach")
+    v = as_triple(voxel_size, "voxel_size")
+    out = []
+    for ri, vi in zip(r, v):
+        if not math.isfinite(ri) or ri < 0:
+            raise ParameterError(f"reach must be a finite distance >= 0 Å, got {reach!r}")
+        if vi <= 0:
+            raise ParameterError(f"voxel size must be positive, got {voxel_size!r}")
+        q = ri / vi
+        out.append(int(math.ceil(q - 1e-9 * max(1.0, q))))
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _wants(kernel: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(kernel).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _check_boundary(boundary: Any) -> Any:
+    if isinstance(boundary, str):
+        if boundary not in BOUNDARIES:
+            raise ParameterError(
+                f"boundary must be one of {', '.join(BOUNDARIES)} or a number, got {boundary!r}"
+            )
+        return boundary
+    if np.ndim(boundary) == 0:
+        return float(boundary)
+    raise ParameterError(f"boundary must be one of {', '.join(BOUNDARIES)} or a number, got {boundary!r}")
+
+
+class _BlockKernel:
+    """Picklable wrapper calling the kernel on one overlapped block."""
+
+    def __init__(self, kernel, dtype, starts, depth, boundary, org, vs, with_offset, kwargs):
+        self.kernel = kernel
+        self.dtype = np.dtype(dtype)
+        self.starts = starts  # per axis: chunk start indices (original array)
+        self.depth = depth
+        self.boundary = boundary
+        self.origin = org
+        self.vs = vs
+        self.with_offset = with_offset
+        self.kwargs = kwargs
+
+    def __call__(self, *blocks: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
+        kw = dict(self.kwargs)
+        if self.with_offset:
+            first = []
+            for ax in range(3):
+                s = self.starts[ax][block_id[ax]] - self.depth[ax]
+                if self.boundary == "none":
+                    s = max(0, s)
+                first.append(s)
+            kw["offset"] = tuple(o + i * v for o, i, v in zip(self.origin, first, self.vs))
+            kw["voxel_size"] = self.vs
+        out = np.asarray(self.kernel(*blocks, **kw))
+        if out.shape != blocks[0].shape:
+            raise GeometryError(
+                f"kernel {getattr(self.kernel, '__name__', self.kernel)!r} returned shape {out.shape} "
+                f"for a block of shape {blocks[0].shape}"
+            )
+        return out.astype(self.dtype, copy=False)
+
+
+def _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kwargs) -> np.ndarray:
+    kw = dict(kwargs)
+    if boundary == "none":
+        if with_offset:
+            kw["offset"] = tuple(org)
+            kw["voxel_size"] = tuple(vs)
+        out = np.asarray(kernel(*arrays, **kw))
+        if out.shape != arrays[0].shape:
+            raise GeometryError(f"kernel returned shape {out.shape} for an array of shape {arrays[0].shape}")
+        return out.astype(dtype, copy=False)
+    pad = [(d, d) for d in depth]
+    if isinstance(boundary, str):
+        padded = [np.pad(a, pad, mode=_NP_PAD[boundary]) for a in arrays]
+    else:
+        padded = [np.pad(a, pad, mode="constant", constant_values=boundary) for a in arrays]
+    if with_offset:
+        kw["offset"] = tuple(o - d * v for o, d, v in zip(org, depth, vs))
+        kw["voxel_size"] = tuple(vs)
+    out = np.asarray(kernel(*padded, **kw))
+    sl = tuple(slice(d, d + n) for d, n in zip(depth, arrays[0].shape))
+    return out[sl].astype(dtype, copy=False)
+
+
+def run_local(
+    kernel: Callable[..., np.ndarray],
+    *volumes: xr.DataArray,
+    reach: float | Sequence[float],
+    boundary: Any = "none",
+    with_offset: bool = False,
+    dtype: Any = np.float32,
+    name: str | None = None,
+    **kernel_kwargs: Any,
+) -> xr.DataArray:
+    """Run a numpy kernel over aligned Volumes with a halo of ``reach`` Å.
+
+    Parameters
+    ----------
+    kernel
+        ``kernel(*blocks, **kernel_kwargs) -> ndarray`` of the shape of
+        ``blocks[0]``. Pure numpy/scipy; it sees plain in-memory blocks that
+        include the halo, and must handle the true map edge itself (its own
+        edge mode) when ``boundary="none"``.
+    volumes
+        One or more Volumes with the same shape, voxel size and origin.
+        Dask-backed inputs are aligned to the chunks of the first dask one.
+    reach
+        Distance in Å (one number or (z, y, x)) over which an output voxel
+        depends on the input; the halo per axis is ``ceil(reach / voxel_size)``.
+    boundary
+        ``"none"`` (default: blocks truncated at the map edge, the kernel's
+        own edge mode applies), ``"periodic"``, ``"reflect"`` (numpy's
+        ``symmetric``), ``"nearest"`` or a constant value for padding.
+    with_offset
+        Also pass ``offset=(oz, oy, ox)``: the position in Å of the block's
+        first voxel (halo included), and ``voxel_size=(vz, vy, vx)`` Å.
+    dtype
+        Output dtype of the kernel (the Volume itself is float32).
+    name
+        Name of the output Volume (default: the first input's name).
+    kernel_kwargs
+        Passed to the kernel unchanged.
+
+    Returns
+    -------
+    xarray.DataArray
+        Volume with the geometry of ``volumes[0]``; lazy (dask) when any input
+        is dask-backed, else numpy (the kernel is then called once on the
+        whole arrays).
+
+    Notes
+    -----
+    Chunks thinner than the halo are merged with a neighbour first, so the
+    halo never needs data beyond the adjacent block. Along an axis held in
+    one chunk no halo is needed with ``boundary="none"``.
+
+    Examples
+    --------
+    >>> import numpy as np, scipy.ndimage as ndi
+    >>> from chunkem.volume import make_volume
+    >>> v = make_volume(np.random.default_rng(0).random((20, 21, 22)), voxel_size=2.0).chunk(7)
+    >>> out = run_local(ndi.uniform_filter, v, reach=2.0, size=3)
+    >>> bool(np.array_equal(out.values, ndi.uniform_filter(v.values, size=3)))
+    True
+    """
+    if not volumes:
+        raise ParameterError("run_local needs at least one Volume")
+    for v in volumes:
+        if not isinstance(v, xr.DataArray):
+            raise GeometryError(f"run_local: expected Volumes (xarray.DataArray), got {type(v).__name__}")
+    check_aligned(*volumes)
+    boundary = _check_boundary(boundary)
+    ref = volumes[0]
+    vs = voxel_size(ref)
+    org = origin(ref)
+    depth = list(halo_voxels(reach, vs))
+    shape = tuple(int(n) for n in ref.shape)
+    if with_offset and not _wants(kernel, "offset"):
+        raise ParameterError(f"with_offset=True but kernel {getattr(kernel, '__name__', kernel)!r} takes no 'offset'")
+    out_name = name if name is not None else ref.name
+
+    lazy = [isinstance(v.data, da.Array) for v in volumes]
+    if not any(lazy):
+        arrays = [np.asarray(v.data) for v in volumes]
+        if boundary != "none" and any(d > n for d, n in zip(depth, shape)):
+            raise ParameterError(f"reach {reach} Å is larger than the map {shape} for boundary={boundary!r}")
+        out = _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kernel_kwargs)
+        return like(ref, out, name=out_name)
+
+    first = volumes[lazy.index(True)].data
+    chunks = list(first.chunks)
+    for ax in range(3):
+        if len(chunks[ax]) == 1:
+            if boundary == "none":
+                depth[ax] = 0
+            elif depth[ax] > shape[ax]:
+                raise ParameterError(
+                    f"reach {reach} Å is larger than the map along {'zyx'[ax]} ({shape[ax]} voxels) "
+                    f"for boundary={boundary!r}"
+                )
+        else:
+            depth[ax] = min(depth[ax], shape[ax])
+            chunks[ax] = min_chunk_chunks(chunks[ax], depth[ax])
+    chunks_t = tuple(tuple(c) for c in chunks)
+    arrays = []
+    for v in volumes:
+        a = v.data if isinstance(v.data, da.Array) else da.from_array(np.asarray(v.data), chunks=chunks_t)
+        if a.chunks != chunks_t:
+            a = a.rechunk(chunks_t)
+        arrays.append(a)
+    starts = tuple(tuple(int(s) for s in np.cumsum((0,) + c[:-1])) for c in chunks_t)
+    func = _BlockKernel(kernel, dtype, starts, tuple(depth), boundary, org, vs, with_offset, kernel_kwargs)
+    depth_d = {ax: int(d) for ax, d in enumerate(depth)}
+    if all(d == 0 for d in depth):
+        out = da.map_blocks(func, *arrays, dtype=np.dtype(dtype), meta=np.empty((0, 0, 0), dtype=dtype))
+    else:
+        out = da.map_overlap(
+            func,
+            *arrays,
+            depth=depth_d,
+            boundary=boundary,
+            trim=True,
+            align_arrays=False,
+            allow_rechunk=False,
+            dtype=np.dtype(dtype),
+            meta=np.empty((0, 0, 0), dtype=dtype),
+        )
+    return like(ref, out, name=out_name)

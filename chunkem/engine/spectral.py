@@ -1,0 +1,607 @@
+"""GLOBAL-FFT stages: the only place in chunkem where whole-map FFTs happen.
+
+Forward and inverse real FFTs of Volumes, pointwise Fourier-space kernels run
+chunk-locally with their frequencies in 1/Å, and shell reductions (radial
+profiles, the per-shell sums of FSC) as per-chunk bincounts summed.
+
+Strategies (``rfft(vol, strategy=...)``)
+----------------------------------------
+``"gather"``
+    rechunk the map to a single chunk and call ``scipy.fft.rfftn`` on it
+    (all cores of that worker). Fastest whenever the map fits one worker.
+``"slab"``
+    real-to-complex slab decomposition: ``rfft2`` over (y, x) on z-slabs,
+    one all-to-all transpose by rechunking to z-pencils, then ``fft`` along z.
+    No task ever holds more than one slab or one pencil block, so maps far
+    larger than a worker's memory transform. The spectrum stays in z-pencil
+    chunks; :func:`irfft` runs the same steps in reverse.
+``"auto"`` (default)
+    ``gather`` when 3x the complex spectrum fits under the
+    ``chunkem.fft-gather-limit`` setting (bytes), else ``slab``.
+
+Frequencies follow ``00_conventions`` §2: ``k_axis = fftfreq(N_axis, d=a_axis)``
+(``rfftfreq`` along x), in cycles/Å. Transforms are unnormalised forward
+(``scipy.fft`` ``norm="backward"``), so ``irfft(rfft(v)) == v``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import scipy.fft
+import xarray as xr
+
+from .. import config
+from ..errors import GeometryError, ParameterError
+from ..volume import as_triple, like, make_volume, origin, voxel_size
+from .chunks import auto_chunks, slab_depth
+
+__all__ = [
+    "Spectrum",
+    "rfft",
+    "irfft",
+    "apply",
+    "fourier_filter",
+    "frequencies",
+    "shell_index",
+    "n_shells",
+    "shell_frequencies",
+    "ShellSums",
+    "shell_sums",
+    "radial_profile",
+    "choose_strategy",
+]
+
+STRATEGIES = ("auto", "gather", "slab")
+
+
+@dataclass
+class Spectrum:
+    """The real FFT (half-space along x) of a Volume.
+
+    Attributes
+    ----------
+    data
+        complex64 dask (or numpy) array, shape ``(nz, ny, nx // 2 + 1)``.
+    shape
+        Real-space shape ``(nz, ny, nx)``.
+    voxel_size
+        (vz, vy, vx) in Å.
+    origin
+        (oz, oy, ox) in Å, carried so that :func:`irfft` restores the geometry.
+    name
+        Name of the source Volume.
+    chunks
+        Real-space chunks of the source Volume (``irfft`` restores them).
+    attrs
+        Attributes of the source Volume (header...).
+    """
+
+    data: Any
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    name: str | None = None
+    chunks: tuple | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def fshape(self) -> tuple[int, int, int]:
+        """Shape of the half-space spectrum ``(nz, ny, nx // 2 + 1)``."""
+        nz, ny, nx = self.shape
+        return (nz, ny, nx // 2 + 1)
+
+    @property
+    def is_lazy(self) -> bool:
+        return isinstance(self.data, da.Array)
+
+    def frequencies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Broadcastable (kz, ky, kx) arrays of the whole spectrum, 1/Å."""
+        return frequencies(self.shape, self.voxel_size)
+
+
+def frequencies(shape, voxel_size, *, index=(0, 0, 0), block_shape=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Broadcastable frequency arrays (kz, ky, kx) in 1/Å of an rfft half-space block.
+
+    Parameters
+    ----------
+    shape
+        Real-space shape (nz, ny, nx).
+    voxel_size
+        (vz, vy, vx) Å.
+    index
+        Global index of the block's first element in the half-space spectrum.
+    block_shape
+        Shape of the block (default: the whole half-space).
+
+    Returns
+    -------
+    kz, ky, kx
+        float64 arrays of shapes (bz, 1, 1), (1, by, 1), (1, 1, bx).
+    """
+    nz, ny, nx = (int(n) for n in shape)
+    vz, vy, vx = as_triple(voxel_size, "voxel_size")
+    if block_shape is None:
+        block_shape = (nz, ny, nx // 2 + 1)
+    iz, iy, ix = index
+    bz, by, bx = block_shape
+    kz = scipy.fft.fftfreq(nz, d=vz)[iz : iz + bz]
+    ky = scipy.fft.fftfreq(ny, d=vy)[iy : iy + by]
+    kx = scipy.fft.rfftfreq(nx, d=vx)[ix : ix + bx]
+    return kz[:, None, None], ky[None, :, None], kx[None, None, :]
+
+
+def choose_strategy(shape, strategy: str = "auto") -> str:
+    """The FFT strategy ``"gather"`` or ``"slab"`` for a map of ``shape``."""
+    if strategy not in STRATEGIES:
+        raise ParameterError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy != "auto":
+        return strategy
+    nz, ny, nx = shape
+    complex_bytes = nz * ny * (nx // 2 + 1) * 8
+    return "gather" if 3 * complex_bytes <= int(config.get("fft-gather-limit")) else "slab"
+
+
+# --- block functions (module level: picklable for distributed workers) ------
+
+
+def _rfftn_block(x: np.ndarray) -> np.ndarray:
+    return scipy.fft.rfftn(np.asarray(x, dtype=np.float32), workers=-1).astype(np.complex64, copy=False)
+
+
+def _irfftn_block(f: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    return scipy.fft.irfftn(np.asarray(f, dtype=np.complex64), s=shape, workers=-1).astype(np.float32, copy=False)
+
+
+def _rfft2_block(x: np.ndarray) -> np.ndarray:
+    return scipy.fft.rfft2(np.asarray(x, dtype=np.float32), axes=(1, 2)).astype(np.complex64, copy=False)
+
+
+def _irfft2_block(f: np.ndarray, s: tuple[int, int]) -> np.ndarray:
+    return scipy.fft.irfft2(np.asarray(f, dtype=np.complex64), s=s, axes=(1, 2)).astype(np.float32, copy=False)
+
+
+def _fft_z_block(f: np.ndarray) -> np.ndarray:
+    return scipy.fft.fft(np.asarray(f, dtype=np.complex64), axis=0).astype(np.complex64, copy=False)
+
+
+def _ifft_z_block(f: np.ndarray) -> np.ndarray:
+    return scipy.fft.ifft(np.asarray(f, dtype=np.complex64), axis=0).astype(np.complex64, copy=False)
+
+
+def _pencil_chunks(nz: int, ny: int, nxh: int) -> tuple[int, int, int]:
+    """Chunks (nz, cy, cx) of z-pencils holding about ``fft-slab-bytes`` each."""
+    target = int(config.get("fft-slab-bytes", 64 * 2**20))
+    cols = max(1, target // (nz * 8))
+    cx = min(nxh, max(1, int(np.sqrt(cols))))
+    cy = min(ny, max(1, cols // cx))
+    return (nz, cy, cx)
+
+
+def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
+    """Real FFT of a Volume (half-space along x), lazily for dask input.
+
+    Parameters
+    ----------
+    vol
+        Volume (numpy- or dask-backed).
+    strategy
+        ``"auto"`` | ``"gather"`` | ``"slab"`` (see the module notes). Ignored
+        for numpy input (one ``scipy.fft.rfftn`` call).
+
+    Returns
+    -------
+    Spectrum
+        complex64 data of shape ``(nz, ny, nx // 2 + 1)``; one chunk after a
+        gather, z-pencil chunks ``(nz, cy, cx)`` after a slab transform.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from chunkem.volume import make_volume
+    >>> v = make_volume(np.arange(60.0).reshape(3, 4, 5), voxel_size=1.0)
+    >>> s = rfft(v.chunk(2), strategy="slab")
+    >>> bool(np.allclose(s.data.compute(), np.fft.rfftn(v.values), atol=1e-3))
+    True
+    """
+    if not isinstance(vol, xr.DataArray):
+        raise GeometryError(f"rfft: expected a Volume (xarray.DataArray), got {type(vol).__name__}")
+    shape = tuple(int(n) for n in vol.shape)
+    if len(shape) != 3:
+        raise GeometryError(f"rfft: a Volume must be 3-D, got shape {shape}")
+    choice = choose_strategy(shape, strategy)
+    vs, org = voxel_size(vol), origin(vol)
+    attrs = {k: v for k, v in vol.attrs.items() if k not in ("voxel_size", "origin")}
+    x = vol.data
+    nz, ny, nx = shape
+    nxh = nx // 2 + 1
+    if not isinstance(x, da.Array):
+        data = _rfftn_block(np.asarray(x))
+        return Spectrum(data, shape, vs, org, vol.name, None, attrs)
+    chunks = x.chunks
+    if choice == "gather":
+        one = x.rechunk(shape) if x.npartitions > 1 else x
+        data = one.map_blocks(_rfftn_block, dtype=np.complex64, chunks=((nz,), (ny,), (nxh,)),
+                              meta=np.empty((0, 0, 0), np.complex64))
+    else:
+        cz = slab_depth(ny * nxh * 8, nz)
+        slabs = x.rechunk((cz, ny, nx))
+        half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
+                                meta=np.empty((0, 0, 0), np.complex64))
+        pencils = half.rechunk(_pencil_chunks(nz, ny, nxh))
+        data = pencils.map_blocks(_fft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
+    return Spectrum(data, shape, vs, org, vol.name, chunks, attrs)
+
+
+def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str = "auto") -> xr.DataArray:
+    """Inverse of :func:`rfft`: a float32 Volume with the spectrum's geometry.
+
+    Parameters
+    ----------
+    spec
+        Spectrum (half-space along x).
+    chunks
+        Real-space chunks of the result (default: those of the Volume the
+        spectrum came from, else :func:`~chunkem.engine.chunks.auto_chunks`).
+    name
+        Name of the result (default: ``spec.name``).
+    strategy
+        ``"auto"`` (a single-chunk spectrum is inverted in one call; a
+        chunked one by ``gather`` when it fits, else ``slab``), ``"gather"``
+        or ``"slab"``.
+    """
+    shape = tuple(spec.shape)
+    nz, ny, nx = shape
+    nxh = nx // 2 + 1
+    if tuple(spec.data.shape) != (nz, ny, nxh):
+        raise GeometryError(f"irfft: spectrum shape {tuple(spec.data.shape)} does not match real shape {shape}")
+    header = spec.attrs.get("header")
+    out_name = name if name is not None else spec.name
+    x = spec.data
+    if not isinstance(x, da.Array):
+        data = _irfftn_block(np.asarray(x), shape)
+        return make_volume(data, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
+    if strategy == "auto":
+        choice = "gather" if x.npartitions == 1 else choose_strategy(shape, "auto")
+    else:
+        choice = choose_strategy(shape, strategy)
+    if choice == "gather":
+        one = x.rechunk((nz, ny, nxh)) if x.npartitions > 1 else x
+        real = one.map_blocks(_irfftn_block, shape, dtype=np.float32, chunks=((nz,), (ny,), (nx,)),
+                              meta=np.empty((0, 0, 0), np.float32))
+    else:
+        pencils = x.rechunk({0: nz}) if len(x.chunks[0]) > 1 else x
+        zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
+        cz = slab_depth(ny * nxh * 8, nz)
+        slabs = zinv.rechunk((cz, ny, nxh))
+        real = slabs.map_blocks(_irfft2_block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
+                                meta=np.empty((0, 0, 0), np.float32))
+    target = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
+    real = real.rechunk(target)
+    return make_volume(real, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
+
+
+class _BlockApply:
+    """Picklable wrapper running a Fourier kernel on one spectrum block."""
+
+    def __init__(self, kernel, shape, vs, starts, with_index, kwargs):
+        self.kernel = kernel
+        self.shape = shape
+        self.vs = vs
+        self.starts = starts
+        self.with_index = with_index
+        self.kwargs = kwargs
+
+    def __call__(self, *blocks: np.ndarray, block_id=None) -> np.ndarray:
+        index = tuple(self.starts[ax][block_id[ax]] for ax in range(3)) if block_id is not None else (0, 0, 0)
+        return _call_kernel(self.kernel, blocks, self.shape, self.vs, index, self.with_index, self.kwargs)
+
+
+def _call_kernel(kernel, blocks, shape, vs, index, with_index, kwargs) -> np.ndarray:
+    kz, ky, kx = frequencies(shape, vs, index=index, block_shape=blocks[0].shape)
+    kw = dict(kwargs)
+    if with_index:
+        nz, ny, nx = shape
+        kw["index"] = tuple(int(i) for i in index)
+        kw["fshape"] = (nz, ny, nx // 2 + 1)
+    out = np.asarray(kernel(*blocks, kz=kz, ky=ky, kx=kx, **kw))
+    if out.shape != blocks[0].shape:
+        raise GeometryError(f"Fourier kernel returned shape {out.shape} for a block of shape {blocks[0].shape}")
+    return out.astype(np.complex64, copy=False)
+
+
+def _starts(chunks) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(int(s) for s in np.cumsum((0,) + tuple(c[:-1]))) for c in chunks)
+
+
+def _check_same(spec: Spectrum, others: tuple[Spectrum, ...]) -> None:
+    for o in others:
+        if tuple(o.shape) != tuple(spec.shape):
+            raise GeometryError(f"spectra differ in shape: {tuple(o.shape)} vs {tuple(spec.shape)}")
+        if not np.allclose(o.voxel_size, spec.voxel_size, rtol=0, atol=1e-4):
+            raise GeometryError(f"spectra differ in voxel size: {o.voxel_size} vs {spec.voxel_size} Å")
+
+
+def _aligned_data(spec: Spectrum, others: tuple[Spectrum, ...]) -> list:
+    if not spec.is_lazy and all(not o.is_lazy for o in others):
+        return [np.asarray(spec.data)] + [np.asarray(o.data) for o in others]
+    ref = spec.data if spec.is_lazy else next(o.data for o in others if o.is_lazy)
+    out = []
+    for s in (spec, *others):
+        d = s.data if s.is_lazy else da.from_array(np.asarray(s.data), chunks=ref.chunks)
+        if d.chunks != ref.chunks:
+            d = d.rechunk(ref.chunks)
+        out.append(d)
+    return out
+
+
+def apply(kernel: Callable[..., np.ndarray], spec: Spectrum, *others: Spectrum, with_index: bool = False,
+          **kw: Any) -> Spectrum:
+    """Run a pointwise Fourier-space kernel chunk-locally.
+
+    Parameters
+    ----------
+    kernel
+        ``kernel(F_block, *other_blocks, kz=..., ky=..., kx=..., **kw) ->
+        complex block``; ``kz, ky, kx`` are broadcastable float64 arrays of
+        the block's frequencies in 1/Å (``fftfreq`` / ``rfftfreq`` with
+        ``d`` = voxel size).
+    spec, others
+        Spectra of the same shape; the others are rechunked like ``spec``.
+    with_index
+        Also pass ``index=(iz0, iy0, ix0)`` (global index of the block's first
+        element) and ``fshape=(nz, ny, nx // 2 + 1)``, so that random numbers
+        can be keyed by global index (chunk-invariant RNG).
+    kw
+        Passed to the kernel.
+
+    Returns
+    -------
+    Spectrum
+        Same geometry and chunks as ``spec``; lazy for dask input.
+    """
+    _check_same(spec, others)
+    blocks = _aligned_data(spec, others)
+    if not isinstance(blocks[0], da.Array):
+        data = _call_kernel(kernel, blocks, spec.shape, spec.voxel_size, (0, 0, 0), with_index, kw)
+        return replace(spec, data=data)
+    func = _BlockApply(kernel, tuple(spec.shape), tuple(spec.voxel_size), _starts(blocks[0].chunks), with_index, kw)
+    data = da.map_blocks(func, *blocks, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
+    return replace(spec, data=data)
+
+
+def fourier_filter(vol: xr.DataArray, kernel: Callable[..., np.ndarray], *, strategy: str = "auto",
+                   with_index: bool = False, name: str | None = None, **kw: Any) -> xr.DataArray:
+    """``irfft(apply(kernel, rfft(vol)))``: a Fourier-space filter of a Volume, lazy.
+
+    The result has ``vol``'s geometry, chunks and header.
+    """
+    spec = apply(kernel, rfft(vol, strategy=strategy), with_index=with_index, **kw)
+    out = irfft(spec, chunks=vol.data.chunks if isinstance(vol.data, da.Array) else None,
+                strategy="auto" if strategy == "auto" else strategy)
+    return like(vol, out.data, name=name if name is not None else vol.name)
+
+
+# --- shells ---------------------------------------------------------------------
+
+
+def _box_length(shape, voxel_size) -> float:
+    vs = as_triple(voxel_size, "voxel_size")
+    return float(min(int(n) * v for n, v in zip(shape, vs)))
+
+
+def n_shells(shape, voxel_size) -> int:
+    """Number of Fourier shells, ``floor(N_min / 2) + 1`` (00_conventions §2)."""
+    return int(min(int(n) for n in shape)) // 2 + 1
+
+
+def shell_frequencies(shape, voxel_size) -> np.ndarray:
+    """Frequency of each shell, ``s_i = i / L`` in 1/Å, ``L = min_axis(N_axis a_axis)``."""
+    return np.arange(n_shells(shape, voxel_size), dtype=np.float64) / _box_length(shape, voxel_size)
+
+
+def shell_index(kz, ky, kx, *, shape, voxel_size) -> np.ndarray:
+    """Shell index of each frequency (00_conventions §2, RELION indexing generalised).
+
+    ``i = round(|s| * L)`` with ``L = min_axis(N_axis * a_axis)`` Å, rounding
+    halves up (``floor(x + 0.5)``, as RELION's ``ROUND``); frequencies beyond
+    the last shell (``n_shells - 1``, the corners) get ``-1``.
+
+    Parameters
+    ----------
+    kz, ky, kx
+        Broadcastable frequency arrays in 1/Å.
+    shape, voxel_size
+        Real-space shape and voxel size (Å) of the map.
+
+    Returns
+    -------
+    numpy.ndarray of int64
+        Broadcast shape of the inputs.
+    """
+    L = _box_length(shape, voxel_size)
+    s = np.sqrt(np.asarray(kz) ** 2 + np.asarray(ky) ** 2 + np.asarray(kx) ** 2)
+    idx = np.floor(s * L + 0.5).astype(np.int64)
+    idx[idx > n_shells(shape, voxel_size) - 1] = -1
+    return idx
+
+
+@dataclass
+class ShellSums:
+    """Per-shell sums over the rfft half-space (REDUCE stage).
+
+    Attributes
+    ----------
+    index
+        Shell numbers 0 … n-1.
+    frequency
+        Shell frequency ``i / L`` in 1/Å.
+    resolution
+        ``1 / frequency`` in Å (inf for shell 0).
+    count
+        Number of (weighted) Fourier voxels per shell.
+    sum_f1f2
+        Σ Re(F1 F2*).
+    sum_f1sq, sum_f2sq
+        Σ |F1|², Σ |F2|².
+    sum_abs_f1
+        Σ |F1| (for mean amplitudes).
+    hermitian_weights
+        Whether interior half-space voxels were counted twice.
+    """
+
+    index: np.ndarray
+    frequency: np.ndarray
+    resolution: np.ndarray
+    count: np.ndarray
+    sum_f1f2: np.ndarray
+    sum_f1sq: np.ndarray
+    sum_f2sq: np.ndarray
+    sum_abs_f1: np.ndarray
+    hermitian_weights: bool = False
+
+    def fsc(self) -> np.ndarray:
+        """Fourier shell correlation Σ Re(F1F2*) / sqrt(Σ|F1|² Σ|F2|²); 0 where undefined."""
+        den = np.sqrt(self.sum_f1sq * self.sum_f2sq)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = np.where(den > 0, self.sum_f1f2 / np.where(den > 0, den, 1.0), 0.0)
+        return out
+
+    def mean_amplitude(self) -> np.ndarray:
+        """Mean |F1| per shell (0 for empty shells)."""
+        return np.where(self.count > 0, self.sum_abs_f1 / np.maximum(self.count, 1e-300), 0.0)
+
+    def mean_power(self) -> np.ndarray:
+        """Mean |F1|² per shell (0 for empty shells)."""
+        return np.where(self.count > 0, self.sum_f1sq / np.maximum(self.count, 1e-300), 0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index.tolist(),
+            "frequency": self.frequency.tolist(),
+            "resolution": [float(r) if np.isfinite(r) else None for r in self.resolution],
+            "count": self.count.tolist(),
+            "sum_f1f2": self.sum_f1f2.tolist(),
+            "sum_f1sq": self.sum_f1sq.tolist(),
+            "sum_f2sq": self.sum_f2sq.tolist(),
+            "sum_abs_f1": self.sum_abs_f1.tolist(),
+            "hermitian_weights": self.hermitian_weights,
+        }
+
+
+def _block_shell_sums(f1, f2, *, shape, vs, index, hermitian, nshell, two) -> np.ndarray:
+    kz, ky, kx = frequencies(shape, vs, index=index, block_shape=f1.shape)
+    idx = shell_index(kz, ky, kx, shape=shape, voxel_size=vs)
+    idx = np.broadcast_to(idx, f1.shape).ravel()
+    keep = idx >= 0
+    idx = idx[keep]
+    a = np.asarray(f1).ravel()[keep].astype(np.complex128)
+    if hermitian:
+        nx = shape[2]
+        ix = np.arange(index[2], index[2] + f1.shape[2])
+        wx = np.where((ix == 0) | ((nx % 2 == 0) & (ix == nx // 2)), 1.0, 2.0)
+        w = np.broadcast_to(wx[None, None, :], f1.shape).ravel()[keep]
+    else:
+        w = None
+    out = np.zeros((6, nshell), dtype=np.float64)
+    a2 = a.real**2 + a.imag**2
+    out[0] = np.bincount(idx, weights=w, minlength=nshell)
+    out[2] = np.bincount(idx, weights=a2 if w is None else a2 * w, minlength=nshell)
+    absa = np.sqrt(a2)
+    out[4] = np.bincount(idx, weights=absa if w is None else absa * w, minlength=nshell)
+    if two:
+        b = np.asarray(f2).ravel()[keep].astype(np.complex128)
+        cross = a.real * b.real + a.imag * b.imag
+        b2 = b.real**2 + b.imag**2
+        out[1] = np.bincount(idx, weights=cross if w is None else cross * w, minlength=nshell)
+        out[3] = np.bincount(idx, weights=b2 if w is None else b2 * w, minlength=nshell)
+    else:
+        out[1] = out[2]
+        out[3] = out[2]
+    return out
+
+
+class _BlockShells:
+    def __init__(self, shape, vs, starts, hermitian, nshell, two):
+        self.shape, self.vs, self.starts = shape, vs, starts
+        self.hermitian, self.nshell, self.two = hermitian, nshell, two
+
+    def __call__(self, f1, f2=None, block_id=None):
+        index = tuple(self.starts[ax][block_id[ax]] for ax in range(3))
+        out = _block_shell_sums(f1, f2, shape=self.shape, vs=self.vs, index=index, hermitian=self.hermitian,
+                                nshell=self.nshell, two=self.two)
+        return out[None, None, None]
+
+
+def _shell_arrays(spec1: Spectrum, spec2: Spectrum | None, hermitian_weights: bool):
+    """Lazy (dask) or eager (numpy) (6, n_shells) array of shell sums."""
+    others = (spec2,) if spec2 is not None else ()
+    _check_same(spec1, others)
+    blocks = _aligned_data(spec1, others)
+    shape = tuple(spec1.shape)
+    nshell = n_shells(shape, spec1.voxel_size)
+    two = spec2 is not None
+    if not isinstance(blocks[0], da.Array):
+        return _block_shell_sums(blocks[0], blocks[1] if two else None, shape=shape, vs=spec1.voxel_size,
+                                 index=(0, 0, 0), hermitian=hermitian_weights, nshell=nshell, two=two)
+    func = _BlockShells(shape, tuple(spec1.voxel_size), _starts(blocks[0].chunks), hermitian_weights, nshell, two)
+    per = da.map_blocks(func, *blocks, dtype=np.float64, new_axis=[3, 4],
+                        chunks=((1,) * len(blocks[0].chunks[0]), (1,) * len(blocks[0].chunks[1]),
+                                (1,) * len(blocks[0].chunks[2]), (6,), (nshell,)),
+                        meta=np.empty((0, 0, 0, 0, 0), np.float64))
+    return per.sum(axis=(0, 1, 2))
+
+
+def _make_sums(arr: np.ndarray, spec: Spectrum, hermitian_weights: bool) -> ShellSums:
+    freq = shell_frequencies(spec.shape, spec.voxel_size)
+    with np.errstate(divide="ignore"):
+        res = np.where(freq > 0, 1.0 / np.where(freq > 0, freq, 1.0), np.inf)
+    return ShellSums(
+        index=np.arange(freq.size),
+        frequency=freq,
+        resolution=res,
+        count=arr[0].copy(),
+        sum_f1f2=arr[1].copy(),
+        sum_f1sq=arr[2].copy(),
+        sum_f2sq=arr[3].copy(),
+        sum_abs_f1=arr[4].copy(),
+        hermitian_weights=hermitian_weights,
+    )
+
+
+def shell_sums(spec1: Spectrum, spec2: Spectrum | None = None, *, hermitian_weights: bool = False,
+               progress: bool | None = None) -> ShellSums:
+    """Per-shell sums of two spectra (FSC ingredients); computes.
+
+    Parameters
+    ----------
+    spec1, spec2
+        Spectra of the same shape and voxel size. Without ``spec2`` the
+        cross and second sums equal ``Σ|F1|²`` (FSC 1).
+    hermitian_weights
+        False (compat default, RELION): every half-space voxel counted once.
+        True: interior voxels weighted 2 (each stands for a Friedel pair),
+        the ``k_x = 0`` and (even ``nx``) Nyquist planes weighted 1.
+    progress
+        Progress bar (default: ``chunkem.progress`` setting).
+
+    Returns
+    -------
+    ShellSums
+        numpy arrays of length :func:`n_shells`.
+    """
+    arr = _shell_arrays(spec1, spec2, hermitian_weights)
+    if isinstance(arr, da.Array):
+        from .cluster import compute
+
+        (arr,) = compute(arr, progress=progress, label="shell sums")
+    return _make_sums(np.asarray(arr), spec1, hermitian_weights)
+
+
+def radial_profile(spec: Spectrum, *, hermitian_weights: bool = False, progress: bool | None = None) -> ShellSums:
+    """Rotationally averaged profile of a spectrum: use ``.mean_amplitude()`` / ``.mean_power()``."""
+    return shell_sums(spec, None, hermitian_weights=hermitian_weights, progress=progress)
