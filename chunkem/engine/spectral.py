@@ -46,6 +46,7 @@ __all__ = [
     "irfft",
     "apply",
     "fourier_filter",
+    "crop",
     "frequencies",
     "shell_index",
     "n_shells",
@@ -283,6 +284,33 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
     target = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
     real = real.rechunk(target)
     return make_volume(real, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
+
+
+def crop(spec: Spectrum, shape, *, origin=None, chunks=None) -> Spectrum:
+    """Fourier-crop a spectrum to a smaller real-space ``shape`` (lazy).
+
+    Keeps the frequencies of the smaller grid (see
+    :func:`chunkem.kernels.filters.fourier_crop`), scaled so that
+    :func:`irfft` returns values on the same scale. The physical box is kept:
+    the new voxel size is ``voxel_size * N / M`` per axis. ``origin`` (Å) and
+    ``chunks`` (real-space chunks for :func:`irfft`) of the result default to
+    the spectrum's origin and to automatic chunks.
+    """
+    nz, ny, nx = (int(n) for n in spec.shape)
+    mz, my, mx = (int(n) for n in shape)
+    if not (0 < mz <= nz and 0 < my <= ny and 0 < mx <= nx):
+        raise ParameterError(f"crop: new shape {tuple(shape)} must be positive and within {spec.shape}")
+    zi = np.r_[0 : (mz + 1) // 2, nz - mz // 2 : nz]
+    yi = np.r_[0 : (my + 1) // 2, ny - my // 2 : ny]
+    scale = np.float32((mz * my * mx) / (nz * ny * nx))
+    x = spec.data
+    if isinstance(x, da.Array):
+        data = x[zi][:, yi][:, :, : mx // 2 + 1] * scale
+    else:
+        data = (np.asarray(x)[zi][:, yi][:, :, : mx // 2 + 1] * scale).astype(np.complex64)
+    vs = tuple(v * n / m for v, n, m in zip(spec.voxel_size, spec.shape, (mz, my, mx)))
+    return Spectrum(data, (mz, my, mx), vs, tuple(origin) if origin is not None else spec.origin, spec.name,
+                    chunks, dict(spec.attrs))
 
 
 class _BlockApply:
