@@ -51,6 +51,7 @@ __all__ = [
 #: File name endings understood by :func:`open_model` / :func:`save_model`.
 MODEL_SUFFIXES = (".pdb", ".ent", ".cif", ".mmcif", ".pdb.gz", ".ent.gz", ".cif.gz", ".mmcif.gz")
 
+
 @dataclass(frozen=True, eq=False)
 class Model:
     """An atomic model: per-atom numpy arrays in file order (first model only).
