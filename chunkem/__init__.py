@@ -11,10 +11,14 @@ __version__ = "0.1.0"
 from . import config  # noqa: F401  (registers the chunkem dask.config defaults)
 from .errors import ChunkemError
 from .volume import make_volume, validate_volume
+from .io.model import Model, open_model, save_model
 
 __all__ = [
     "__version__",
     "ChunkemError",
     "make_volume",
     "validate_volume",
+    "Model",
+    "open_model",
+    "save_model",
 ]
