@@ -441,7 +441,7 @@ def check_model_in_map(
     model: Model,
     vol: xr.DataArray,
     *,
-    max_outside_fraction: float = 0.0,
+    max_outside_fraction: float = 0.05,
     margin: float = 0.0,
 ) -> None:
     """Raise :class:`GeometryError` ("model outside the map") when too many atoms lie outside.
@@ -449,7 +449,10 @@ def check_model_in_map(
     Parameters
     ----------
     max_outside_fraction
-        Largest tolerated fraction (0..1) of atoms outside the box.
+        Largest tolerated fraction (0..1) of atoms outside the box. The
+        default tolerates a few atoms poking out of a tight crop (3 of the
+        1615 atoms of PDB 6VYB's NTD lie up to 1.6 Å outside the deposited
+        EMD-21457 crop), not a misplaced model.
     margin
         Å added to each side of the box.
     """
