@@ -171,20 +171,18 @@ class FSCResult:
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
         ax.set_title(title or f"FSC: {r:.2f} Å at 0.143")
-        sec = ax.secondary_xaxis("top", functions=(_inv, _inv))
-        sec.set_xlabel("resolution (Å)")
+        top = ax.twiny()
+        top.set_xlim(ax.get_xlim())
+        ticks = [t for t in ax.get_xticks() if 0 < t <= ax.get_xlim()[1]]
+        top.set_xticks(ticks)
+        top.set_xticklabels([f"{1.0 / t:.1f}" for t in ticks])
+        top.set_xlabel("resolution (Å)")
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png")
         plt.close(fig)
         atomic_write_bytes(Path(path), buf.getvalue())
         return Path(path)
-
-
-def _inv(x):
-    x = np.asarray(x, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.where(x > 1e-6, 1.0 / np.maximum(x, 1e-6), 1e6)
 
 
 def _fmt(x: Any) -> str:
