@@ -52,7 +52,7 @@ __all__ = [
     "cc_field",
 ]
 
-_POINT_BUDGET = 1 << 20  # grid points handled per vectorised atom batch
+_POINT_BUDGET = 1 << 19  # box voxels handled per vectorised atom batch (cache-sized)
 
 
 @dataclass
@@ -232,9 +232,11 @@ def atom_radii(atoms: AtomSet, imaging: Imaging) -> np.ndarray:
 class _Points:
     """Grid points near a batch of atoms: atom index, flat voxel index, displacement, r²."""
 
-    __slots__ = ("aid", "flat", "r2", "_d", "_disp")
+    __slots__ = ("aid", "flat", "r2", "_d", "_disp", "local", "m")
 
-    def __init__(self, aid, flat, r2, d):
+    def __init__(self, aid, flat, r2, d, local=None, m=None):
+        self.local = local  # (P,) index into the batch's atoms ``m``
+        self.m = m
         self.aid = aid  # (P,) atom index within the AtomSet
         self.flat = flat  # (P,) flat index into the block
         self.r2 = r2  # (P,) squared distance (Å²)
@@ -263,12 +265,18 @@ class _Batch:
         self.shape = shape
 
     def points(self) -> _Points | None:
-        a, i, j, k = np.nonzero(self.keep)
-        if a.size == 0:
+        lin = np.flatnonzero(self.keep)
+        if lin.size == 0:
             return None
+        _, kz, ky, kx = self.keep.shape
+        a, rem = np.divmod(lin, kz * ky * kx)
+        i, rem = np.divmod(rem, ky * kx)
+        j, k = np.divmod(rem, kx)
+        ai, aj, ak = a * kz + i, a * ky + j, a * kx + k
         _, ny, nx = self.shape
-        flat = (self.iz[a, i] * ny + self.iy[a, j]) * nx + self.ix[a, k]
-        return _Points(self.m[a], flat, self.r2[a, i, j, k], (self.dz[a, i], self.dy[a, j], self.dx[a, k]))
+        flat = (self.iz.ravel().take(ai) * ny + self.iy.ravel().take(aj)) * nx + self.ix.ravel().take(ak)
+        d = (self.dz.ravel().take(ai), self.dy.ravel().take(aj), self.dx.ravel().take(ak))
+        return _Points(self.m.take(a), flat, self.r2.ravel().take(lin), d, a, self.m)
 
     def flat_box(self) -> np.ndarray:
         """Flat block index of every box voxel (0 where outside the block; masked by ``keep``)."""
@@ -304,6 +312,9 @@ def _iter_batches(
     inv = inv.ravel()
     for g, hk in enumerate(keys):
         members = sel[inv == g]
+        # spatial order, so a batch covers a compact slab of the block (cheap scatter-add)
+        members = members[np.argsort((centre[members, 0] * shp[1] + centre[members, 1]) * shp[2] + centre[members, 2],
+                                     kind="stable")]
         K = int(np.prod(2 * hk + 1))
         nb = max(1, _POINT_BUDGET // K)
         steps = [np.arange(-k, k + 1) for k in hk]
@@ -382,8 +393,9 @@ class _Evaluator:
                 atoms.ff.a, atoms.ff.b, b, imaging.limit, r_max=rmax, step=imaging.table_step
             )
             self.step = float(imaging.table_step)
-            self.tab = (p, pr, pB, pBr)
             self.nr = r.size
+            self.coef = _hermite_cells(p, pr, self.step)
+            self.coef_b = _hermite_cells(pB, pBr, self.step) if derivs else None
 
     def values(self, pts: _Points) -> np.ndarray:
         """Density at the points, occupancy included."""
@@ -503,31 +515,44 @@ class _Evaluator:
         return g_xyz * occ[:, None], g_b * occ, g_occ
 
     def _finite(self, pts: _Points, derivs: bool):
-        aid = pts.aid
         r = np.sqrt(pts.r2)
-        x = r / self.step
-        j = np.minimum(np.floor(x).astype(np.int64), self.nr - 2)
+        x = r * (1.0 / self.step)
+        j = np.minimum(x.astype(np.int64), self.nr - 2)
         t = x - j
-        t2 = t * t
-        t3 = t2 * t
-        h00 = 2 * t3 - 3 * t2 + 1
-        h10 = (t3 - 2 * t2 + t) * self.step
-        h01 = -2 * t3 + 3 * t2
-        h11 = (t3 - t2) * self.step
-        p, pr, pB, pBr = self.tab
-        v = h00 * p[aid, j] + h10 * pr[aid, j] + h01 * p[aid, j + 1] + h11 * pr[aid, j + 1]
+        cell = pts.aid * (self.nr - 1) + j
+        c = self.coef[cell]  # (P, 4) cubic coefficients of the cell
+        c0, c1, c2, c3 = c[:, 0], c[:, 1], c[:, 2], c[:, 3]
+        v = c0 + t * (c1 + t * (c2 + t * c3))
         if not derivs:
             return v, None, None
-        d00 = (6 * t2 - 6 * t) / self.step
-        d10 = 3 * t2 - 4 * t + 1
-        d01 = -d00
-        d11 = 3 * t2 - 2 * t
-        dv_dr = d00 * p[aid, j] + d10 * pr[aid, j] + d01 * p[aid, j + 1] + d11 * pr[aid, j + 1]
-        dB = h00 * pB[aid, j] + h10 * pBr[aid, j] + h01 * pB[aid, j + 1] + h11 * pBr[aid, j + 1]
+        dv_dr = (c1 + t * (2.0 * c2 + 3.0 * t * c3)) * (1.0 / self.step)
+        cb = self.coef_b[cell]
+        dB = cb[:, 0] + t * (cb[:, 1] + t * (cb[:, 2] + t * cb[:, 3]))
         with np.errstate(divide="ignore", invalid="ignore"):
-            g = np.where(r > 0, -dv_dr / r, 0.0)  # d v / d atom = dv/dr * d r/d atom = dv/dr * (-disp/r)
+            g = np.where(r > 0, -dv_dr / r, 0.0)  # dv/d atom = dv/dr * dr/d atom = dv/dr * (-disp/r)
         dpos = pts.disp * g[:, None]
         return v, dpos, dB
+
+
+def _hermite_cells(p: np.ndarray, pr: np.ndarray, step: float) -> np.ndarray:
+    """Cubic Hermite coefficients per table cell: ``v(t) = c0 + c1 t + c2 t² + c3 t³``, t ∈ [0, 1).
+
+    ``p``, ``pr`` (n, J): values and r-derivatives at ``r_j = j·step``.
+    Returns (n·(J−1), 4), cell ``(atom, j)`` at row ``atom·(J−1) + j``.
+    """
+    p0, p1 = p[:, :-1], p[:, 1:]
+    m0, m1 = pr[:, :-1] * step, pr[:, 1:] * step
+    c = np.stack([p0, m0, 3.0 * (p1 - p0) - 2.0 * m0 - m1, 2.0 * (p0 - p1) + m0 + m1], axis=-1)
+    return np.ascontiguousarray(c.reshape(-1, 4))
+
+
+def _scatter_add(out: np.ndarray, flat: np.ndarray, weights: np.ndarray) -> None:
+    """``out[flat] += weights`` (repeated indices summed) over the touched sub-range only."""
+    if flat.size == 0:
+        return
+    lo = int(flat.min())
+    hi = int(flat.max())
+    out[lo : hi + 1] += np.bincount(flat - lo, weights=weights, minlength=hi - lo + 1)
 
 
 def _split_separable(atoms: AtomSet, imaging: Imaging) -> tuple[np.ndarray, np.ndarray]:
@@ -599,10 +624,10 @@ def render_block(
         sep, rest = _split_separable(atoms, imaging)
         if sep.size:
             for b in _iter_batches(shp, offset, vs, atoms.xyz, rad, sep):
-                out += np.bincount(b.flat_box().ravel(), weights=ev.box_values(b).ravel(), minlength=size)
+                _scatter_add(out, b.flat_box().ravel(), ev.box_values(b).ravel())
         if rest.size:
             for pts in _iter_points(shp, offset, vs, atoms.xyz, rad, rest):
-                out += np.bincount(pts.flat, weights=ev.values(pts), minlength=size)
+                _scatter_add(out, pts.flat, ev.values(pts))
     return out.reshape(shp).astype(dtype, copy=False)
 
 
@@ -641,17 +666,17 @@ def adjoint_block(
     if sep.size:
         for b in _iter_batches(shp, offset, vs, atoms.xyz, rad, sep):
             gxyz, gb, gocc = ev.box_adjoint(b, G[b.flat_box()])
-            for ax in range(3):
-                grad.xyz[:, ax] += np.bincount(b.m, weights=gxyz[:, ax], minlength=n)
-            grad.b += np.bincount(b.m, weights=gb, minlength=n)
-            grad.occ += np.bincount(b.m, weights=gocc, minlength=n)
+            grad.xyz[b.m] += gxyz
+            grad.b[b.m] += gb
+            grad.occ[b.m] += gocc
     for pts in (_iter_points(shp, offset, vs, atoms.xyz, rad, rest) if rest.size else ()):
-        g = G[pts.flat]
+        g = G.take(pts.flat)
         v, dpos, dB, _occ = ev.derivs(pts)
+        nb = pts.m.size
         for ax in range(3):
-            grad.xyz[:, ax] += np.bincount(pts.aid, weights=g * dpos[:, ax], minlength=n)
-        grad.b += np.bincount(pts.aid, weights=g * dB, minlength=n)
-        grad.occ += np.bincount(pts.aid, weights=g * v, minlength=n)
+            grad.xyz[pts.m, ax] += np.bincount(pts.local, weights=g * dpos[:, ax], minlength=nb)
+        grad.b[pts.m] += np.bincount(pts.local, weights=g * dB, minlength=nb)
+        grad.occ[pts.m] += np.bincount(pts.local, weights=g * v, minlength=nb)
     return grad
 
 
