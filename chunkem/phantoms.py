@@ -107,7 +107,9 @@ _COLUMN_GAP = 5.0
 _HELIX_LEN = (10, 18)
 _STRAND_LEN = (5, 9)
 _CLASH = 3.0  # minimum heavy-atom distance between elements when packing (Å)
-_RESIDUE_VOLUME = 240.0  # Å^3 per residue of the layered poly-Ala globule (slot volume, measured)
+_CLASH_SHEET = 2.7  # the same for a strand against its sheet neighbours (N...O H-bonds are ~2.9 Å)
+_STRAND_ROLL = 10.0  # degrees about the strand axis, found by scanning for the best sheet contacts
+_RESIDUE_VOLUME = 200.0  # Å^3 per residue of the layered poly-Ala globule (slot volume, measured)
 
 
 # --------------------------------------------------------------------------- backbone
@@ -214,8 +216,10 @@ def _strand(n: int) -> np.ndarray:
     r = _rotation_to(ax, np.array([1.0, 0, 0]))
     res = (res - cen) @ r.T
     cb_dir = res[:, 4] - res[:, 1]
-    pleat = (cb_dir[0::2].sum(axis=0) - cb_dir[1::2].sum(axis=0))
-    ang = math.atan2(pleat[1], pleat[2])  # rotate about x so that the pleat points along +z
+    pleat = cb_dir[0::2].sum(axis=0) - cb_dir[1::2].sum(axis=0)
+    # rotate about x so that the pleat points along +z, then by _STRAND_ROLL so that
+    # neighbour strands 4.8 Å apart make N-H...O=C contacts without clashes
+    ang = math.atan2(pleat[1], pleat[2]) + math.radians(_STRAND_ROLL)
     return res @ _rot_x(ang).T
 
 
@@ -233,8 +237,14 @@ def _slots(radius: float, rng: np.random.Generator) -> list[tuple[float, str, np
     n_layers = max(1, int(math.ceil(2 * radius / _LAYER_SPACING)) + 2)
     first = rng.integers(2)  # which layer type comes first
     col_pitch = 3.3 * _STRAND_LEN[1] + _COLUMN_GAP
-    # columns of elements along x: as many as make the globule about as long as it is wide
-    n_cols = max(1, int(round(2 * radius / col_pitch)))
+    # columns of elements along x: as many as make the globule about as long (x) as it is wide (y, z)
+    volume = 4 / 3 * math.pi * radius**3
+
+    def aspect(k: int) -> float:
+        width = 2 * math.sqrt(volume / (k * col_pitch) / math.pi)
+        return abs(math.log(k * col_pitch / width))
+
+    n_cols = min(range(1, 9), key=aspect)
     out = []
     for li in range(n_layers):
         z = (li - (n_layers - 1) / 2) * _LAYER_SPACING
@@ -335,7 +345,7 @@ def build_model(n_residues: int = 200, *, seed: int = 0, chain: str = "A") -> Mo
                 d = _min_dist(tree, xyz.reshape(-1, 3))
                 if d > best_d + 1e-9:
                     best, best_d = xyz, d
-            if best_d < _CLASH:
+            if best_d < _CLASH_SHEET:
                 continue
         elements.append(_Element(kind, best))
         placed.append(best.reshape(-1, 3))
@@ -355,7 +365,7 @@ def build_model(n_residues: int = 200, *, seed: int = 0, chain: str = "A") -> Mo
             if kind == "E" and row % 2 == 1:
                 base = base @ _rot_z(math.pi).T
             xyz = base + c
-            if _min_dist(tree, xyz.reshape(-1, 3)) < _CLASH:
+            if _min_dist(tree, xyz.reshape(-1, 3)) < (_CLASH if kind == "H" else _CLASH_SHEET):
                 continue
             elements.append(_Element(kind, xyz))
             placed.append(xyz.reshape(-1, 3))
@@ -540,7 +550,8 @@ def _tune_sigma(parts: dict[str, np.ndarray], freq: np.ndarray, target_s: float)
             lo = mid
         else:
             hi = mid
-    return scale * math.exp(0.5 * (lo + hi))
+    # where the first crossing jumps (a bump in the FSC), keep the side that reaches the target
+    return scale * math.exp(lo)
 
 
 # --------------------------------------------------------------------------- B field, mask
@@ -780,6 +791,8 @@ def make_phantom(
         raise ParameterError(f"b_range must be 0 <= B_min <= B_max (Å²), got {b_range}")
     if noise_b < 0:
         raise ParameterError(f"noise_b must be >= 0 Å², got {noise_b}")
+    if b_gradient not in ("x", "y", "z", "radial"):
+        raise ParameterError(f"b_gradient must be 'x', 'y', 'z' or 'radial', got {b_gradient!r}")
     render = renderer or render_gemmi
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
 
