@@ -321,22 +321,30 @@ def block_stats(block: np.ndarray) -> np.ndarray:
     """
     block = np.asarray(block)
     out = np.empty(N_STATS, dtype=np.float64)
-    finite = np.isfinite(block)
-    n = int(np.count_nonzero(finite))
-    n_nan = int(np.count_nonzero(np.isnan(block))) if n != block.size else 0
+    total = float(np.sum(block, dtype=np.float64))
+    if math.isfinite(total):  # fast path: every voxel finite (float32 sums cannot overflow float64)
+        vals = block
+        n = block.size
+        n_nan = 0
+    else:
+        finite = np.isfinite(block)
+        n = int(np.count_nonzero(finite))
+        n_nan = int(np.count_nonzero(np.isnan(block)))
+        vals = block[finite]
+        total = float(np.sum(vals, dtype=np.float64))
+    out[0] = n
     out[5] = n_nan
     out[6] = block.size - n - n_nan
-    out[0] = n
     if n == 0:
         out[1:5] = (0.0, 0.0, np.inf, -np.inf)
         return out
-    vals = block if n == block.size else block[finite]
-    mean = float(np.mean(vals, dtype=np.float64))
+    mean = total / n
     m2 = 0.0
     flat = vals.reshape(-1)
-    step = 1 << 20  # bound the float64 temporary
+    step = 1 << 20  # bound the float64 temporary (8 MiB)
     for i in range(0, flat.size, step):
-        d = flat[i : i + step].astype(np.float64) - mean
+        d = flat[i : i + step].astype(np.float64)
+        d -= mean
         m2 += float(np.dot(d, d))
     out[1] = mean
     out[2] = m2

@@ -101,6 +101,7 @@ _KNOWN_UNSUPPORTED = {3: "complex int16", 4: "complex float32", 101: "4-bit pack
 _IMOD_STAMP = 1146047817
 _MAX_EXT_KEEP = 1 << 20
 _WRITE_BLOCK_BYTES = 16 << 20
+_MERGE_BYTES = 32 << 20
 
 _HEADER_DTYPE = np.dtype(
     [
@@ -596,15 +597,24 @@ def _pwrite_all(fd: int, arr: np.ndarray, offset: int) -> None:
 
 
 def _write_chunks(file_shape: tuple[int, int, int], first: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Blocks for writing: whole rows (columns axis complete), about 16 MiB each."""
+    """Blocks for writing, in file order (sections, rows, columns).
+
+    A block is written with one ``pwrite`` per contiguous run of bytes: one per
+    row when it spans part of the columns, one per section when it spans whole
+    rows. Up to :data:`_MERGE_BYTES` of neighbouring input chunks along the
+    columns are merged (fewer, longer runs) while each block is cut down along
+    the rows to about one input chunk, so memory stays a few input chunks per
+    thread whatever the width of the map.
+    """
     S, R, C = file_shape
-    row = C * 4
-    cs = max(1, min(S, first[0]))
-    cr = _WRITE_BLOCK_BYTES // (cs * row)
-    if cr < 1:
-        cs = max(1, _WRITE_BLOCK_BYTES // row)
-        cr = 1
-    return (cs, int(min(R, max(1, cr))), C)
+    cs, cr, cx = (max(1, min(int(n), int(c))) for n, c in zip(file_shape, first))
+    chunk_bytes = cs * cr * cx * 4
+    nx = -(-C // cx)
+    k = max(1, min(nx, _MERGE_BYTES // max(1, chunk_bytes)))
+    width = C if k >= nx else k * cx
+    target = min(max(chunk_bytes, 4 << 20), _WRITE_BLOCK_BYTES)
+    rows = max(1, min(R, target // (cs * width * 4)))
+    return (cs, int(rows), int(width))
 
 
 def _mode_dtype(mode: int, h: dict) -> str:
