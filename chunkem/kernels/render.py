@@ -446,7 +446,7 @@ class _Evaluator:
                 dB[isel] = sb
         if not iso.all():
             asel = np.nonzero(~iso)[0]
-            k = an_pos[aid[asel]]
+            k = an_pos[asel]
             d = pts.disp[asel]
             for t in range(self.an_amp.shape[1]):
                 Mi = self.an_Minv[k, t]  # (m, 3, 3)
