@@ -219,12 +219,13 @@ def _select_box(vol: xr.DataArray, box: int | str | None, resolution: float) -> 
         return np.asarray(vol.values, dtype=np.float32), (0, shape[0], 0, shape[1], 0, shape[2]), True
     # density selection on a coarse copy: the window holding the most density
     f = max(1, int(math.ceil(max(shape) / 64)))
+    import dask.array as da
+
     data = vol.data
     if isinstance(data, np.ndarray):
-        import dask.array as da
-
         data = da.from_array(data, chunks=data.shape)
-    coarse = np.asarray(data.coarsen(np.mean, {0: f, 1: f, 2: f}, trim_excess=True).compute(), dtype=np.float64)
+    coarse = np.asarray(da.coarsen(np.mean, data, {0: f, 1: f, 2: f}, trim_excess=True).compute(),
+                        dtype=np.float64)
     vs = voxel_size(vol)
     sig = [max(0.5, resolution / (v * f)) for v in vs]
     sm = ndimage.gaussian_filter(coarse, sigma=sig, mode="wrap")

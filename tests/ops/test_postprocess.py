@@ -83,7 +83,7 @@ def test_guinier_recovers_uniform_atomic_b_and_sharpening_restores_profile(rende
 def phantom():
     from chunkem.phantoms import make_phantom
 
-    return make_phantom(box=48, n_residues=80, resolution=3.5, seed=3)
+    return make_phantom(box=56, n_residues=80, resolution=3.5, seed=3)
 
 
 def _numpy_postprocess(h1, h2, weights, bfactor, lowpass_res, edge_width=2):
