@@ -260,7 +260,9 @@ def gaussian_smooth(
     truncate
         Kernel radius in σ.
     mode
-        scipy.ndimage edge mode at the true map edge.
+        scipy.ndimage edge mode at the true map edge (``"reflect"``,
+        ``"nearest"``, ``"mirror"``, ``"constant"``, or ``"wrap"`` for a
+        periodic map, run with a periodic halo).
     """
     sig = as_triple(sigma, "sigma")
     if any((not np.isfinite(s)) or s < 0 for s in sig):
@@ -270,4 +272,7 @@ def gaussian_smooth(
     vs = voxel_size(vol)
     sig_vox = tuple(s / v for s, v in zip(sig, vs))
     reach = tuple(truncate * s for s in sig)
-    return run_local(K.gaussian_block, vol, reach=reach, sigma_voxels=sig_vox, mode=mode, truncate=truncate)
+    # "wrap" needs data from the far side of the map: a periodic halo, not the block's own edge
+    boundary = "periodic" if mode in ("wrap", "grid-wrap") else "none"
+    return run_local(K.gaussian_block, vol, reach=reach, boundary=boundary, sigma_voxels=sig_vox, mode=mode,
+                     truncate=truncate)
