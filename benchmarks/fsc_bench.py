@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Half-map FSC: chunkem vs emda and servalcat, run live, side by side.
+
+Each peer lives in its own virtual environment under a cache folder (never a
+chunkem dependency), installed with the recipes of
+``../shared/design/PEERS.md``:
+
+* servalcat: ``pip install servalcat``;
+* emda 1.1.6: old numpy/scipy pins, servalcat without deps, then emda without
+  build isolation (needs ``gfortran``).
+
+Test maps: the chunkem demo phantom (gemmi-rendered model + noise) at the
+smallest size, and band-limited Gaussian random fields plus independent noise
+(``exp(-B s²/4)`` signal, white noise) at the larger ones. Every tool runs as
+its own process under ``/usr/bin/time -v`` (whole-process wall time and peak
+RSS). Agreement: the largest per-shell difference between chunkem's curve and
+the peer's after putting both on the peer's shells (servalcat: Friedel pairs
+once, voxels beyond Nyquist dropped, shell 1 merged into 2; emda: Nyquist
+planes dropped, its bin j = shell j + 2), and the 0.143 resolution of each.
+
+Usage::
+
+    python benchmarks/fsc_bench.py                       # 128 256 (installs peers on first run)
+    python benchmarks/fsc_bench.py --sizes 128 256 512
+    python benchmarks/fsc_bench.py --sizes 1024 --peers  # chunkem only: slab FFT path
+    CHUNKEM_BENCH_CACHE=/scratch/bench python benchmarks/fsc_bench.py
+
+Prints one table; also writes it as TSV in the work folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+# --------------------------------------------------------------------------- peer environments
+def _run(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def _venv(path: Path) -> Path:
+    if not (path / "bin" / "python").exists():
+        _run([PY, "-m", "venv", path])
+        _run([path / "bin" / "python", "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    return path / "bin"
+
+
+def setup_servalcat(cache: Path) -> Path:
+    bin_ = _venv(cache / "venv-servalcat")
+    if not (bin_ / "servalcat").exists():
+        _run([bin_ / "pip", "install", "-q", "servalcat"])
+    return bin_ / "servalcat"
+
+
+def setup_emda(cache: Path) -> Path:
+    bin_ = _venv(cache / "venv-emda")
+    if not (bin_ / "emda").exists():
+        _run([bin_ / "pip", "install", "-q", "numpy==1.23.5", "setuptools<60", "wheel", "scipy<1.12", "pandas<2.2",
+              "matplotlib<3.9", "mrcfile", "gemmi"])
+        _run([bin_ / "pip", "install", "-q", "--no-deps", "servalcat", "omegaconf", "antlr4-python3-runtime==4.9.3",
+              "pyyaml"])
+        _run([bin_ / "pip", "install", "-q", "--no-deps", "--no-build-isolation", "emda"])
+    return bin_ / "emda"
+
+
+# --------------------------------------------------------------------------- test maps
+def make_maps(size: int, folder: Path, seed: int = 0) -> tuple[Path, Path, float]:
+    """Write half1/half2 MRC files of edge ``size``; return their paths and the voxel size (Å)."""
+    import mrcfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    h1, h2 = folder / f"half1_{size}.mrc", folder / f"half2_{size}.mrc"
+    apix = 1.1
+    if h1.exists() and h2.exists():
+        return h1, h2, apix
+    if size <= 128:
+        from chunkem.phantoms import make_phantom
+
+        ph = make_phantom(box=size, n_residues=200 if size < 96 else 600, voxel_size=apix, resolution=3.5, seed=seed)
+        a, b = ph.half1.values, ph.half2.values
+    else:
+        import scipy.fft
+
+        rng = np.random.default_rng(seed)
+        shape = (size,) * 3
+        kz = scipy.fft.fftfreq(size, d=apix)[:, None, None]
+        kx = scipy.fft.rfftfreq(size, d=apix)[None, None, :]
+        s2 = kz**2 + kz.reshape(1, -1, 1) ** 2 + kx**2
+        sig = scipy.fft.rfftn(rng.standard_normal(shape, dtype=np.float32), workers=-1)
+        sig *= np.exp(-60.0 * s2 / 4).astype(np.float32)
+        del s2
+        sig = scipy.fft.irfftn(sig, s=shape, workers=-1).astype(np.float32)
+        sig /= sig.std()
+        noise = 1.5
+        a = sig + noise * rng.standard_normal(shape, dtype=np.float32)
+        b = sig + noise * rng.standard_normal(shape, dtype=np.float32)
+        del sig
+    for path, x in ((h1, a), (h2, b)):
+        with mrcfile.new(path, overwrite=True) as m:
+            m.set_data(np.asarray(x, dtype=np.float32))
+            m.voxel_size = apix
+    return h1, h2, apix
+
+
+# --------------------------------------------------------------------------- timing
+def timed(cmd, cwd: Path, log: Path) -> dict:
+    tfile = log.with_suffix(".time")
+    with open(log, "w") as fh:
+        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile)] + [str(c) for c in cmd], cwd=cwd,
+                            stdout=fh, stderr=subprocess.STDOUT).returncode
+    text = tfile.read_text() if tfile.exists() else ""
+    out = {"rc": rc, "wall_s": float("nan"), "rss_mb": float("nan")}
+    m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
+    if m:
+        s = 0.0
+        for p in m.group(1).split(":"):
+            s = s * 60 + float(p)
+        out["wall_s"] = s
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if m:
+        out["rss_mb"] = int(m.group(1)) / 1024.0
+    return out
+
+
+# --------------------------------------------------------------------------- agreement
+def _read_servalcat(path: Path) -> dict:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    head = lines[0].split()
+    rows = np.array([[float(v) for v in ln.split()] for ln in lines[1:]])
+    return {h: rows[:, i] for i, h in enumerate(head)}
+
+
+def _read_emda(path: Path) -> np.ndarray:
+    rows = [ln.split() for ln in path.read_text().splitlines() if ln.split() and ln.split()[0].isdigit()]
+    return np.array(rows, dtype=float)[:, 5]
+
+
+def _last_passing(curve, threshold=0.143) -> int:
+    below = np.nonzero(np.asarray(curve) < threshold)[0]
+    return (int(below[0]) - 1) if below.size else len(curve) - 1
+
+
+def agreement(h1: Path, h2: Path, apix: float, peer: str, out: Path) -> tuple[float, float, float]:
+    """(max per-shell |ΔFSC|, chunkem resolution Å, peer resolution Å) on the peer's shells."""
+    from chunkem.io import open_map
+    from chunkem.kernels.fsc import fsc_from_sums, merge_shells
+    from chunkem.ops.fsc import fsc
+
+    a, b = open_map(h1), open_map(h2)
+    n = a.shape[0]
+    L = n * apix
+    groups = [[1, 2]] + [[i] for i in range(3, n // 2 + 1)] if peer == "servalcat" else \
+        [[0, 1, 2]] + [[i] for i in range(3, n // 2 + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if peer == "servalcat":
+            r = fsc(a, b, hermitian_weights=True, d_min=2 * apix)
+            theirs = _read_servalcat(out)["fsc_half"]
+        else:
+            r = fsc(a, b, drop_nyquist_planes=True)
+            theirs = _read_emda(out)
+    s = r.sums["unmasked"]
+    ours = fsc_from_sums(*(merge_shells(x, groups) for x in (s.sum_f1f2, s.sum_f1sq, s.sum_f2sq)), dc_rule=False)
+    k = min(ours.size, theirs.size)
+    diff = float(np.abs(ours[:k] - theirs[:k]).max())
+    res_peer = L / (_last_passing(theirs) + 2)
+    res_ours = L / (_last_passing(ours) + 2)
+    return diff, res_ours, res_peer
+
+
+# --------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--peers", nargs="*", default=["emda", "servalcat"], help="peers to run (none: chunkem only)")
+    ap.add_argument("--cache", default=os.environ.get("CHUNKEM_BENCH_CACHE", str(Path.home() / ".cache" / "chunkem-bench")))
+    ap.add_argument("--work", default=None, help="folder for maps and outputs (default CACHE/work)")
+    ap.add_argument("--fft-strategy", default="auto", choices=["auto", "gather", "slab"])
+    args = ap.parse_args(argv)
+    cache = Path(args.cache)
+    work = Path(args.work) if args.work else cache / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    exe = {}
+    if "servalcat" in args.peers:
+        exe["servalcat"] = setup_servalcat(cache)
+    if "emda" in args.peers:
+        exe["emda"] = setup_emda(cache)
+    chunkem = Path(PY).parent / "chunkem"
+    rows = []
+    for size in args.sizes:
+        t = time.perf_counter()
+        h1, h2, apix = make_maps(size, work / "maps")
+        print(f"maps {size}³ ready ({time.perf_counter() - t:.1f} s)", flush=True)
+        runs = {"chunkem": [chunkem, "fsc", h1, h2, "-o", work / f"chunkem_{size}", "--no-progress",
+                            "--fft-strategy", args.fft_strategy]}
+        if "servalcat" in exe:
+            runs["servalcat"] = [exe["servalcat"], "fsc", "--halfmaps", h1, h2, "-o", work / f"servalcat_{size}.dat"]
+        if "emda" in exe:
+            runs["emda"] = [exe["emda"], "halffsc", "--h1", h1, "--h2", h2, "--out", work / f"emda_{size}.txt"]
+        for tool, cmd in runs.items():
+            res = timed(cmd, work, work / f"{tool}_{size}.log")
+            row = {"size": size, "tool": tool, **res, "max_dfsc": float("nan"), "res_chunkem": float("nan"),
+                   "res_peer": float("nan")}
+            if tool != "chunkem" and res["rc"] == 0:
+                out = work / (f"servalcat_{size}.dat" if tool == "servalcat" else f"emda_{size}.txt")
+                row["max_dfsc"], row["res_chunkem"], row["res_peer"] = agreement(h1, h2, apix, tool, out)
+            rows.append(row)
+            print(row, flush=True)
+    head = f"{'size':>5} {'tool':<10} {'rc':>3} {'wall s':>8} {'peak MB':>8} {'max|ΔFSC|':>10} {'res chunkem':>12} {'res peer':>9}"
+    lines = [head, "-" * len(head)]
+    tsv = ["size\ttool\trc\twall_s\tpeak_mb\tmax_dfsc\tres_chunkem_A\tres_peer_A"]
+    for r in rows:
+        lines.append(f"{r['size']:>5} {r['tool']:<10} {r['rc']:>3} {r['wall_s']:>8.2f} {r['rss_mb']:>8.0f} "
+                     f"{r['max_dfsc']:>10.4f} {r['res_chunkem']:>12.2f} {r['res_peer']:>9.2f}")
+        tsv.append("\t".join(str(r[k]) for k in ("size", "tool", "rc", "wall_s", "rss_mb", "max_dfsc",
+                                                  "res_chunkem", "res_peer")))
+    print("\n".join(lines))
+    (work / "fsc_bench.tsv").write_text("\n".join(tsv) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
