@@ -37,6 +37,7 @@ micrometer; a bare zarr array opens when ``voxel_size=`` is given.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import secrets
@@ -96,6 +97,54 @@ def _jsonable_header(h: dict | None) -> dict | None:
 
 # =========================================================================== writing
 
+_LIVE = ".chunkem-writing"
+
+
+class _GuardedTarget:
+    """``da.store`` target writing into a zarr array only while the store is live.
+
+    When a compute fails, tasks already running elsewhere may still finish.
+    Each write holds a shared ``flock`` on the store's marker file and checks
+    that the marker still exists; :func:`_abort` takes the exclusive lock
+    (waiting for writes in flight), removes the marker and only then deletes
+    the store, so no late write can recreate part of it.
+    """
+
+    def __init__(self, arr: Any, marker: str):
+        self.arr = arr
+        self.marker = marker
+        self.shape = arr.shape
+        self.dtype = arr.dtype
+        self.ndim = len(arr.shape)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        try:
+            fd = os.open(self.marker, os.O_RDONLY)
+        except FileNotFoundError:
+            return  # the write was abandoned
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.path.exists(self.marker):
+                self.arr[key] = value
+        finally:
+            os.close(fd)
+
+
+def _abort(tmp: Path) -> None:
+    marker = tmp / _LIVE
+    try:
+        fd = os.open(marker, os.O_RDONLY)
+    except FileNotFoundError:
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.unlink(marker)
+        finally:
+            os.close(fd)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 
 def write_zarr(
     vol: xr.DataArray,
@@ -147,6 +196,7 @@ def write_zarr(
     try:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs["chunkem"] = {"complete": False}
+        (tmp / _LIVE).touch()
         stores = []
         datasets = []
         meta_levels = []
@@ -163,7 +213,8 @@ def write_zarr(
             )
             data = v.data
             if isinstance(data, da.Array):
-                stores.append(da.store(data.rechunk(cs), arr, lock=False, compute=False))
+                target = _GuardedTarget(arr, str(tmp / _LIVE))
+                stores.append(da.store(data.rechunk(cs), target, lock=False, compute=False))
             else:
                 arr[...] = np.asarray(data, dtype=np.float32)
             vs = [float(x) for x in vol_voxel_size(v)]
@@ -203,12 +254,13 @@ def write_zarr(
                 },
             }
         )
+        os.unlink(tmp / _LIVE)
         _swap_into_place(tmp, out)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abort(tmp)
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _abort(tmp)
         raise
     return out
 
