@@ -19,19 +19,37 @@
    :func:`render_gemmi`, gemmi's ``DensityCalculatorE`` with electron form
    factors, blurred for sampling, de-blurred in Fourier space and limited to
    the Nyquist sphere).
-4. **Two half maps** = truth + independent Gaussian noise. The noise is
-   white noise low-passed by ``exp(-noise_b s²/4)`` (amplitude; a softly
-   falling spectrum as in real reconstructions). Its level σ is tuned so
-   that the unmasked half-map FSC of *this realisation* crosses 0.143 at
+4. **Two half maps** = truth + independent zero-mean Gaussian noise, of
+   one of two spectra:
+
+   * ``noise="smooth"`` (default): shaped so that the expected spectral SNR
+     is ``SNR(s) ∝ exp(-snr_b s²/2)`` up to ``s_c = 1.25/resolution`` (then
+     the noise spectrum stays flat to Nyquist, so it never grows without
+     bound), using the Wilson fit ``S_fit`` (``ln S = a - B_w s²/2`` over
+     s ≥ 0.1 Å⁻¹) of the truth's shell power ``S``; the bumps ``S/S_fit`` of
+     the model's spectrum are carried into the noise. The FSC,
+     ``SNR/(1 + SNR)``, then falls smoothly like a real one: 1 at low
+     resolution and, with the default ``snr_b = 9 d²``, 0.5 near 1.28 d.
+   * ``noise="white"``: white noise low-passed by ``exp(-noise_b s²/4)``
+     (amplitude). The FSC then follows the bumps of the model's spectrum
+     and falls as slowly as the signal does; with this layered poly-Ala
+     model and B ≈ 20–120 Å² it can hover near 0.143 around 5–7 Å, so the
+     crossing is well defined only for targets finer than ~4 Å.
+
+   The noise level σ is tuned so that the unmasked half-map FSC of *this
+   realisation* (or the masked one, ``fsc_mask=True``) crosses 0.143 at
    ``resolution`` (shells as in 00_conventions §2, linear interpolation
-   between shells).
+   between shells). ``params`` reports both crossings.
 5. **The local-resolution truth**: for a local B, the resolution at which
-   the half-map FSC would cross 0.143 if every atom had that B, with the
-   same noise: ``SNR_B(s) = S_ref(s) exp(-(B - B_ref) s²/2) / N(s)``, where
-   ``S_ref`` is the shell power of the model rendered with uniform
-   ``B_ref = b_range[0]`` and ``N`` the noise shell power; crossing where
-   ``SNR/(1 + SNR) = 0.143``. Bounded to [Nyquist, box edge]. The map is
-   this function applied to ``local_b``.
+   the FSC of the *masked* halves would cross 0.143 if every atom had that
+   B, with the same noise: ``SNR_B(s) = S_ref(s) exp(-(B - B_ref) s²/2) /
+   (N(s) <mask²>)``, where ``S_ref`` is the shell power of the model
+   rendered with uniform ``B_ref = b_range[0]``, ``N`` the noise shell power
+   and ``<mask²>`` the mean square of the mask (the fraction of the noise a
+   molecular mask keeps, as a local window inside the molecule does);
+   crossing where ``SNR/(1 + SNR) = 0.143``, bounded to [Nyquist, box
+   edge]. The map is this function applied to ``local_b``. With a single
+   B it equals the masked half-map FSC resolution (tested).
 6. **A soft molecular mask**: 1 within ``mask_radius`` Å of an atom, a
    raised-cosine edge of ``mask_edge`` Å, 0 beyond.
 
@@ -41,9 +59,9 @@ used here are on small in-memory test maps (a generator, not an op).
 Examples
 --------
 >>> from chunkem.phantoms import make_phantom
->>> ph = make_phantom(n_residues=60, box=48, resolution=4.0, seed=1)  # doctest: +SKIP
->>> ph.half1.shape, round(ph.params["fsc_resolution"], 1)  # doctest: +SKIP
-((48, 48, 48), 4.0)
+>>> ph = make_phantom(n_residues=60, box=48, voxel_size=1.2, resolution=4.0, seed=1)
+>>> ph.half1.shape, round(ph.params["fsc_resolution"], 1), len(ph.model)
+((48, 48, 48), 4.0, 300)
 """
 
 from __future__ import annotations
@@ -525,6 +543,26 @@ def _fsc_from_parts(parts: dict[str, np.ndarray], sigma: float) -> np.ndarray:
     return np.nan_to_num(fsc, nan=1.0)
 
 
+def _bump_modulation(
+    freq: np.ndarray, power: np.ndarray, counts: np.ndarray, *, s_max: float, s_lo: float = 0.1
+) -> tuple[np.ndarray, float | None]:
+    """Per-shell S/S_fit (Wilson fit ln S = a - B s²/2 over s_lo ≤ s ≤ s_max), blended to 1 below s_lo.
+
+    Returns the modulation per shell and the fitted B (Å², decay convention).
+    """
+    mean = power / np.maximum(counts, 1.0)
+    sel = (freq >= s_lo) & (freq <= s_max) & (mean > 0) & (counts > 0)
+    if sel.sum() < 4:
+        return np.ones_like(freq), None
+    slope, icpt = np.polyfit(freq[sel] ** 2, np.log(mean[sel]), 1, w=np.sqrt(counts[sel]))
+    ratio = np.ones_like(freq)
+    ok = mean > 0
+    ratio[ok] = mean[ok] / np.exp(icpt + slope * freq[ok] ** 2)
+    w = np.clip((freq - s_lo / 2) / (s_lo / 2), 0.0, 1.0)
+    mod = np.where(ok, ratio, 1.0) ** w
+    return mod, float(-2.0 * slope)
+
+
 def _fsc_parts(t: np.ndarray, n1: np.ndarray, n2: np.ndarray, idx: np.ndarray, nshell: int) -> dict[str, np.ndarray]:
     """Shell sums from which the FSC of (t + σ n1, t + σ n2) follows for any σ."""
     ft, f1, f2 = scipy.fft.rfftn(t), scipy.fft.rfftn(n1), scipy.fft.rfftn(n2)
@@ -719,7 +757,9 @@ def make_phantom(
     resolution: float = 3.5,
     b_range: tuple[float, float] = (20.0, 120.0),
     b_gradient: str = "x",
-    noise_b: float = 10.0,
+    noise: str = "smooth",
+    snr_b: float | None = None,
+    noise_b: float = 0.0,
     fsc_mask: bool = False,
     mask_radius: float = 3.0,
     mask_edge: float = 3.0,
@@ -747,9 +787,15 @@ def make_phantom(
     b_gradient
         ``"x"``, ``"y"``, ``"z"`` (linear across the molecule) or
         ``"radial"`` (centre to surface).
+    noise
+        ``"smooth"`` (spectral SNR ∝ ``exp(-snr_b s²/2)``) or ``"white"``
+        (low-passed white noise); see the module notes.
+    snr_b
+        Å², for ``noise="smooth"``: how fast the spectral SNR falls;
+        default ``9 * resolution**2`` (FSC = 0.5 near 1.28 × resolution).
     noise_b
-        Å², decay convention: the noise amplitude spectrum is
-        ``exp(-noise_b s²/4)`` before scaling (0 = white).
+        Å², decay convention, for ``noise="white"``: the noise amplitude
+        spectrum is ``exp(-noise_b s²/4)`` before scaling (0 = white).
     fsc_mask
         If True, tune the noise so that the FSC of the *masked* halves
         (``phantom.mask``) crosses 0.143 at ``resolution`` instead of the
@@ -789,8 +835,14 @@ def make_phantom(
     b0, b1 = float(b_range[0]), float(b_range[1])
     if not (0 <= b0 <= b1):
         raise ParameterError(f"b_range must be 0 <= B_min <= B_max (Å²), got {b_range}")
-    if noise_b < 0:
-        raise ParameterError(f"noise_b must be >= 0 Å², got {noise_b}")
+    if noise not in ("smooth", "white"):
+        raise ParameterError(f"noise must be 'smooth' or 'white', got {noise!r}")
+    if not math.isfinite(noise_b):
+        raise ParameterError(f"noise_b must be finite (Å²), got {noise_b}")
+    if snr_b is None:
+        snr_b = 9.0 * resolution**2
+    if not (math.isfinite(snr_b) and snr_b > 0):
+        raise ParameterError(f"snr_b must be positive (Å²), got {snr_b}")
     if b_gradient not in ("x", "y", "z", "radial"):
         raise ParameterError(f"b_gradient must be 'x', 'y', 'z' or 'radial', got {b_gradient!r}")
     render = renderer or render_gemmi
@@ -823,15 +875,29 @@ def make_phantom(
     ref = np.asarray(render(model.with_values(b_iso=b0), shape=shape, voxel_size=vs, origin=org), dtype=np.float64)
     t_render = time.perf_counter() - t0 - t_model
 
-    # noise: white -> exp(-noise_b s^2/4), scaled so the FSC crosses 0.143 at `resolution`
+    # noise of the chosen spectrum, scaled below so the FSC crosses 0.143 at `resolution`
     idx, nshell, length = _shell_index(shape, vs)
     freq = np.arange(nshell) / length
     target_s = 1.0 / resolution
     if target_s * length >= nshell - 1:
         raise ParameterError(f"resolution {resolution} Å is beyond the last full shell of a {list(shape)} box")
     s2 = _s2_grid(shape, vs)
-    filt = np.exp(-noise_b * s2 / 4.0)
+    s_nyq = min(_nyquist(vs), freq[-1])
+    wilson_b = None
+    if noise == "smooth":
+        shell_power = _shell_sum(idx, nshell, np.abs(scipy.fft.rfftn(truth)) ** 2)
+        counts = _shell_sum(idx, nshell, np.ones(s2.shape))
+        modulation, wilson_b = _bump_modulation(freq, shell_power, counts, s_max=s_nyq)
+    if noise == "smooth" and wilson_b is not None:
+        # noise power = S_fit(s) * exp(snr_b s^2 / 2) * S/S_fit, flat beyond s_c
+        s_c2 = min((1.25 * target_s) ** 2, s_nyq**2)
+        expo = (snr_b - wilson_b) * np.minimum(s2, s_c2) / 2.0
+        filt = np.exp((expo - expo.max()) / 2.0) * np.sqrt(np.interp(np.sqrt(s2), freq, modulation))
+    else:
+        expo = -noise_b * np.minimum(s2, _nyquist(vs) ** 2) / 4.0
+        filt = np.exp(expo - expo.max())
     filt[s2 > _nyquist(vs) ** 2] = 0.0
+    filt[0, 0, 0] = 0.0  # zero-mean noise
     n1 = scipy.fft.irfftn(scipy.fft.rfftn(rng.standard_normal(shape)) * filt, s=shape)
     n2 = scipy.fft.irfftn(scipy.fft.rfftn(rng.standard_normal(shape)) * filt, s=shape)
     parts = _fsc_parts(truth, n1, n2, idx, nshell)
@@ -847,7 +913,6 @@ def make_phantom(
     noise_power = 0.5 * (parts["n11"] + parts["n22"]) * sigma**2 * mask_fraction
     b_grid = np.linspace(b0, b1, 65) if b1 > b0 else np.array([b0, b0 + 1e-6])
     res_grid = np.empty_like(b_grid)
-    s_nyq = min(_nyquist(vs), freq[-1])
     for k, bb in enumerate(b_grid):
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = ref_power * np.exp(-(bb - b0) * freq**2 / 2.0) / noise_power
@@ -873,7 +938,10 @@ def make_phantom(
         "b_range": [b0, b1],
         "b_gradient": b_gradient,
         "b_convention": "decay (amplitude exp(-B s^2/4))",
-        "noise_b": float(noise_b),
+        "noise": noise,
+        "snr_b": float(snr_b) if noise == "smooth" else None,
+        "noise_b": float(noise_b) if noise == "white" else None,
+        "wilson_b": wilson_b,
         "noise_sigma": float(np.std(n1)),
         "signal_std": float(np.std(truth)),
         "local_resolution_range": [float(res_grid.min()), float(res_grid.max())],

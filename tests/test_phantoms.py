@@ -94,6 +94,16 @@ def aniso() -> Phantom:
     )
 
 
+@pytest.fixture(scope="module")
+def coarse() -> Phantom:
+    return make_phantom(n_residues=100, box=48, voxel_size=1.5, resolution=8.0, seed=6)
+
+
+@pytest.fixture(scope="module")
+def white() -> Phantom:
+    return make_phantom(noise="white", noise_b=10.0, seed=8)
+
+
 # ----------------------------------------------------------------------------- backbone geometry
 
 
@@ -215,14 +225,17 @@ def test_determinism_by_seed():
     assert not np.allclose(a.half1.values, c.half1.values)
 
 
-@pytest.mark.parametrize("which", ["default", "aniso"])
+@pytest.mark.parametrize("which", ["default", "aniso", "coarse", "white"])
 def test_half_map_fsc_crosses_at_requested_resolution(which, request):
     ph: Phantom = request.getfixturevalue(which)
     vs = ph.half1.attrs["voxel_size"]
     freq, fsc = fsc_numpy(ph.half1.values.astype(np.float64), ph.half2.values.astype(np.float64), vs)
     d = crossing_resolution(freq, fsc)
     assert abs(d - ph.params["resolution"]) <= 0.5, (d, ph.params["resolution"])
-    assert fsc[1:3].min() > 0.7  # strong at low resolution
+    assert fsc[1:3].min() > 0.9  # strong at low resolution
+    if ph.params["noise"] == "smooth":  # smooth fall: 0.5 between 1.1 and 1.6 x the resolution
+        i = int(np.nonzero(fsc[1:] < 0.5)[0][0]) + 1
+        assert 1.1 < (1 / freq[i]) / ph.params["resolution"] < 1.6
     # the masked FSC reported in params agrees with an independent computation
     m = ph.mask.values.astype(np.float64)
     freq, fscm = fsc_numpy(ph.half1.values * m, ph.half2.values * m, vs)
