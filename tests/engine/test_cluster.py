@@ -177,3 +177,20 @@ def test_environment_variables_set_the_session():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["threads", "64", "threads", "1"]
+
+
+def test_deploy_slurm_yaml_makes_a_job_script():
+    from pathlib import Path
+
+    cfg = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "chunkem-slurm.yaml"
+    kw = cl.read_cluster_config(cfg)
+    assert kw["jobs"] == 2
+    c = cl.slurm_cluster(cfg, interface="lo")  # ib0 does not exist here
+    try:
+        script = c.job_script()
+    finally:
+        c.close()
+    for line in ("#SBATCH -p cpu", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=30G", "#SBATCH -t 04:00:00",
+                 "#SBATCH --exclusive", "source /path/to/venv/bin/activate"):
+        assert line in script
+    assert "--nworkers 2" in script and "--local-directory /tmp" in script
