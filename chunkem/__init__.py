@@ -12,6 +12,9 @@ from . import config  # noqa: F401  (registers the chunkem dask.config defaults)
 from .errors import ChunkemError
 from .volume import make_volume, validate_volume
 from .io.model import Model, open_model, save_model
+from .ops.fsc import FSCResult, fsc
+from .ops.postprocess import PostprocessResult, postprocess
+from .ops.sharpen import AutoSharpenResult, auto_sharpen, sharpen
 
 __all__ = [
     "__version__",
@@ -21,4 +24,11 @@ __all__ = [
     "Model",
     "open_model",
     "save_model",
+    "fsc",
+    "FSCResult",
+    "postprocess",
+    "PostprocessResult",
+    "sharpen",
+    "auto_sharpen",
+    "AutoSharpenResult",
 ]

@@ -494,7 +494,4 @@ def demo_stage(ctx: dict[str, Any]) -> dict[str, Any]:
             r.fsc_unmasked, box_edge=r.box_edge, threshold=0.143).resolution_interp), 3),
         "bfactor_A2": round(float(pp.bfactor), 2),
     }
-    truth_b = getattr(ph, "params", {}).get("b_mean") if hasattr(ph, "params") else None
-    if truth_b is not None:
-        summary["true_mean_b_A2"] = truth_b
     return summary
