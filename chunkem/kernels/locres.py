@@ -1,0 +1,754 @@
+"""Kernels of local resolution: local FSC (exact and band-wise fast) and MonoRes.
+
+Pure numpy/scipy functions on in-memory blocks (no dask); the op
+:mod:`chunkem.ops.locres` runs them through the engine.
+
+Local FSC, exact (blocres semantics)
+------------------------------------
+For a voxel ``v`` the two half maps are cut to a cube of ``box`` voxels
+starting at ``v - box // 2`` (even boxes centre at index ``box / 2``), each
+cube is tapered around its own average with the separable Hann window
+``w(i) = 0.5 (1 - cos(2 pi i / (n - 1)))``, zero-padded to ``box (pad + 1)``
+(padding with the average as Bsoft does only changes the DC term, which is
+not used) and the FSC is taken over the shells of the padded cube
+(``i = round(|s| L)``, ``L = min_axis P_axis a_axis``, 00_conventions §2).
+The local resolution is where that curve first falls below the cutoff
+(:func:`first_crossing`). :func:`local_fsc_exact` does this for every
+selected voxel, in batches of windows transformed together.
+
+Local FSC, fast (band-wise)
+---------------------------
+Parseval turns the shell sum of the windowed cross-spectrum into a real-space
+sum: for a band ``b_j`` around the shell frequency ``s_j``,
+``sum_k b_j(k)^2 F[w h1](k) F[w h2](k)* ~ sum_x w(x - v)^2 h1_j(x) h2_j(x)``,
+with ``h_j`` the half map band-passed to ``b_j`` (one global FFT per band)
+and the approximation ``b_j * (w h) ~ w (b_j * h)`` valid when the band is
+at least as wide as the taper's spectral width. The local FSC of band ``j``
+at every voxel is then three windowed sums (``h1_j h2_j``, ``h1_j^2``,
+``h2_j^2``) with the kernel ``w^2`` (:func:`windowed_band_fsc`, an FFT
+correlation on the block), and the resolution is the first crossing over the
+bands (:func:`resolution_from_bands`). The cost grows with the number of
+bands, not with window volume x voxels. Bands are Gaussian in ``|s|``
+(:func:`gaussian_band`) with the width the exact window effectively has
+(:func:`effective_band_sigma`), centred on the exact mode's shells.
+
+MonoRes (monogenic amplitude)
+-----------------------------
+:func:`riesz_highpass` is the Fourier kernel of the high-passed map and its
+three Riesz components; :func:`monogenic_amplitude` combines them;
+:func:`monores_assign` scans the amplitude/threshold ratios from low to high
+resolution with the two-failure freeze rule of Xmipp's MonoRes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.fft
+from numpy.lib.stride_tricks import sliding_window_view
+
+__all__ = [
+    "hann_taper",
+    "hann_window",
+    "ShellLayout",
+    "shell_layout",
+    "local_fsc_curves",
+    "first_crossing",
+    "crossing_to_resolution",
+    "local_fsc_exact",
+    "gaussian_band",
+    "band_pass",
+    "effective_band_sigma",
+    "windowed_band_fsc",
+    "resolution_from_bands",
+    "raised_cosine_highpass",
+    "raised_cosine_lowpass",
+    "monogenic_filter",
+    "riesz_component",
+    "lowpass_kernel",
+    "monogenic_amplitude",
+    "monores_assign",
+    "monores_postprocess",
+    "interpolate_grid",
+    "hann_band",
+    "lowpass_weight",
+    "blend_band",
+]
+
+
+# --------------------------------------------------------------------------- windows
+
+
+def hann_taper(n: int) -> np.ndarray:
+    """1-D Hann taper of ``n`` points, ``0.5 (1 - cos(2 pi i / (n - 1)))`` (blocres).
+
+    Zero at both ends, 1 in the middle (odd ``n``).
+
+    Examples
+    --------
+    >>> hann_taper(5).round(3).tolist()
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    """
+    n = int(n)
+    if n < 2:
+        return np.ones(max(n, 0))
+    i = np.arange(n, dtype=np.float64)
+    return 0.5 * (1.0 - np.cos(2.0 * np.pi * i / (n - 1)))
+
+
+def hann_window(box: Sequence[int]) -> np.ndarray:
+    """Separable 3-D Hann window of shape ``box`` (product of :func:`hann_taper`)."""
+    bz, by, bx = (int(b) for b in box)
+    return hann_taper(bz)[:, None, None] * hann_taper(by)[None, :, None] * hann_taper(bx)[None, None, :]
+
+
+# --------------------------------------------------------------------------- exact local FSC
+
+
+@dataclass(frozen=True)
+class ShellLayout:
+    """Fourier shells of a padded window (rfft half-space) as a one-hot matrix.
+
+    Attributes
+    ----------
+    fft_shape
+        Real-space shape of the padded window (voxels).
+    onehot
+        (n_freq, n_shells) float32 matrix: 1 where the half-space voxel (in
+        C order) belongs to the shell; corners beyond the last shell are 0
+        rows. Shell sums of many windows are one matrix product.
+    frequency
+        Frequency of every shell ``0 ... n - 1`` in 1/Å (``i / L``).
+    """
+
+    fft_shape: tuple[int, int, int]
+    onehot: np.ndarray
+    frequency: np.ndarray
+
+
+def shell_layout(fft_shape: Sequence[int], voxel_size: Sequence[float]) -> ShellLayout:
+    """Shells of a real-space grid ``fft_shape`` with ``voxel_size`` Å.
+
+    Shell index ``i = floor(|s| L + 0.5)``, ``L = min_axis(N_axis a_axis)`` Å,
+    shells ``0 ... floor(N_min / 2)`` (00_conventions §2).
+    """
+    shape = tuple(int(n) for n in fft_shape)
+    vs = tuple(float(v) for v in voxel_size)
+    kz = scipy.fft.fftfreq(shape[0], d=vs[0])[:, None, None]
+    ky = scipy.fft.fftfreq(shape[1], d=vs[1])[None, :, None]
+    kx = scipy.fft.rfftfreq(shape[2], d=vs[2])[None, None, :]
+    length = min(n * v for n, v in zip(shape, vs))
+    nshell = min(shape) // 2 + 1
+    idx = np.floor(np.sqrt(kz**2 + ky**2 + kx**2) * length + 0.5).astype(np.int64).ravel()
+    onehot = np.zeros((idx.size, nshell), dtype=np.float32)
+    keep = np.nonzero(idx < nshell)[0]
+    onehot[keep, idx[keep]] = 1.0
+    return ShellLayout(fft_shape=shape, onehot=onehot, frequency=np.arange(nshell, dtype=np.float64) / length)
+
+
+def _padded_rfftn(cubes: np.ndarray, fshape: tuple[int, int, int], workers: int) -> np.ndarray:
+    """rfftn over the last 3 axes with zero padding to ``fshape``, skipping the all-zero lines."""
+    f = scipy.fft.rfft(cubes, n=fshape[2], axis=3, workers=workers)
+    f = scipy.fft.fft(f, n=fshape[1], axis=2, workers=workers, overwrite_x=True)
+    return scipy.fft.fft(f, n=fshape[0], axis=1, workers=workers, overwrite_x=True)
+
+
+def local_fsc_curves(
+    h1: np.ndarray,
+    h2: np.ndarray,
+    starts: np.ndarray,
+    *,
+    box: Sequence[int],
+    voxel_size: Sequence[float],
+    pad: int = 1,
+    layout: ShellLayout | None = None,
+    taper: np.ndarray | None = None,
+    workers: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FSC curves of tapered windows of two maps (blocres ``fsc_local``).
+
+    Parameters
+    ----------
+    h1, h2
+        Half maps (3-D, same shape).
+    starts
+        (n, 3) integer index of each window's first voxel; every window
+        ``start ... start + box - 1`` must lie inside the arrays.
+    box
+        Window edge per axis (voxels).
+    voxel_size
+        Å per axis.
+    pad
+        Zero padding: FFT size ``box * (pad + 1)`` (blocres default 1).
+    layout, taper
+        Precomputed :func:`shell_layout` of the padded window and
+        :func:`hann_window` (computed when omitted).
+    workers
+        Threads for ``scipy.fft``.
+
+    Returns
+    -------
+    curves : ndarray (n, n_shells)
+        FSC per shell; shell 0 is set to 1 (DC is not used), empty or
+        zero-power shells to 0.
+    frequency : ndarray (n_shells,)
+        Shell frequencies in 1/Å.
+    """
+    box = tuple(int(b) for b in box)
+    fshape = tuple(b * (int(pad) + 1) for b in box)
+    if layout is None:
+        layout = shell_layout(fshape, voxel_size)
+    if taper is None:
+        taper = hann_window(box)
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+    n = starts.shape[0]
+    nshell = layout.frequency.size
+    if n == 0:
+        return np.zeros((0, nshell)), layout.frequency
+    for ax in range(3):
+        if starts[:, ax].min() < 0 or starts[:, ax].max() + box[ax] > h1.shape[ax]:
+            raise ValueError(f"a window of {box} at the given starts leaves the array of shape {h1.shape}")
+    taper32 = taper.astype(np.float32)
+    spectra = []
+    for arr in (h1, h2):
+        view = sliding_window_view(np.asarray(arr, dtype=np.float32), box)
+        cubes = view[starts[:, 0], starts[:, 1], starts[:, 2]]  # (n, bz, by, bx), a copy
+        cubes -= cubes.mean(axis=(1, 2, 3), keepdims=True)
+        cubes *= taper32
+        spectra.append(_padded_rfftn(cubes, fshape, workers).reshape(n, -1))
+    f1, f2 = spectra
+    parts = np.empty((3, n, f1.shape[1]), dtype=np.float32)
+    np.multiply(f1.real, f2.real, out=parts[0])
+    parts[0] += f1.imag * f2.imag
+    np.multiply(f1.real, f1.real, out=parts[1])
+    parts[1] += f1.imag * f1.imag
+    np.multiply(f2.real, f2.real, out=parts[2])
+    parts[2] += f2.imag * f2.imag
+    sums = (parts.reshape(3 * n, -1) @ layout.onehot).reshape(3, n, nshell).astype(np.float64)
+    den = np.sqrt(sums[1] * sums[2])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curves = np.where(den > 0, sums[0] / np.where(den > 0, den, 1.0), 0.0)
+    curves[:, 0] = 1.0
+    return curves, layout.frequency
+
+
+def first_crossing(curves: np.ndarray, frequency: np.ndarray, *, cutoff: float = 0.143) -> np.ndarray:
+    """Frequency (1/Å) where each curve first falls below ``cutoff`` (vectorised).
+
+    The same first-crossing rule as the global FSC
+    (:func:`chunkem.kernels.fsc.resolution_crossing`): walk shells
+    ``i = 1, 2, ...`` to the first ``curve[i] < cutoff``; interpolate linearly
+    in frequency between shell ``i - 1`` and ``i``. Shell 0 counts as 1.
+
+    Parameters
+    ----------
+    curves
+        (..., n) values at ``frequency`` (last axis); NaN counts as 0.
+    frequency
+        (n,) increasing frequencies in 1/Å; ``frequency[0]`` is the DC / start.
+    cutoff
+        Threshold.
+
+    Returns
+    -------
+    ndarray (...)
+        Crossing frequency; 0 when shell 1 already fails (no resolution),
+        ``frequency[-1]`` when the curve never falls below the cutoff.
+
+    Examples
+    --------
+    >>> first_crossing(np.array([1, .9, .5, .1, .3]), np.arange(5) / 100.0, cutoff=0.143).round(5)
+    array(0.02893)
+    """
+    c = np.nan_to_num(np.asarray(curves, dtype=np.float64), nan=0.0)
+    f = np.asarray(frequency, dtype=np.float64)
+    below = c < cutoff
+    below[..., 0] = False
+    has = below.any(axis=-1)
+    i = np.argmax(below, axis=-1)
+    i = np.where(has, i, 1)
+    c1 = np.take_along_axis(c, i[..., None], axis=-1)[..., 0]
+    c0 = np.take_along_axis(c, (i - 1)[..., None], axis=-1)[..., 0]
+    c0 = np.where(i - 1 == 0, np.maximum(c0, 1.0), c0)
+    v0 = c0 - cutoff
+    v1 = c1 - cutoff
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(v0 != v1, v0 / (v0 - v1), 0.0)
+    s = f[i - 1] + r * (f[i] - f[i - 1])
+    s = np.where(i - 1 == 0, 0.0, s)  # shell 1 fails: no resolution (clamped to the worst later)
+    return np.where(has, s, f[-1])
+
+
+def crossing_to_resolution(s: np.ndarray, *, best: float, worst: float) -> np.ndarray:
+    """Resolution ``1 / s`` in Å clamped to ``[best, worst]`` (``s <= 0`` gives ``worst``)."""
+    s = np.asarray(s, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        d = np.where(s > 0, 1.0 / np.where(s > 0, s, 1.0), np.inf)
+    return np.clip(d, best, worst)
+
+
+def _grid_select(shape, step, offset, origin, voxel_size) -> np.ndarray:
+    """Voxels of a block lying on the global grid ``index % step == 0``."""
+    sel = []
+    for ax in range(3):
+        first = int(round((offset[ax] - origin[ax]) / voxel_size[ax]))
+        g = first + np.arange(shape[ax])
+        sel.append(g % int(step[ax]) == 0)
+    return sel[0][:, None, None] & sel[1][None, :, None] & sel[2][None, None, :]
+
+
+def local_fsc_exact(
+    h1: np.ndarray,
+    h2: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    box: Sequence[int],
+    voxel_size: Sequence[float],
+    cutoff: float = 0.143,
+    best: float,
+    worst: float,
+    pad: int = 1,
+    margin: Sequence[int] | None = None,
+    step: Sequence[int] | None = None,
+    offset: Sequence[float] | None = None,
+    origin: Sequence[float] | None = None,
+    fill: float = np.nan,
+    batch: int = 128,
+    workers: int = 1,
+) -> np.ndarray:
+    """Per-voxel local FSC resolution of a block, one windowed FFT per voxel.
+
+    Parameters
+    ----------
+    h1, h2
+        Half-map blocks including a margin of at least ``box // 2`` voxels
+        on every side (a halo, or periodic padding at the true edge).
+    mask
+        Optional block: only voxels with ``mask > 0.5`` are computed (with
+        ``step``, grid points within ``step`` voxels of such a voxel).
+    box
+        Window edge (voxels) per axis.
+    voxel_size
+        Å per axis.
+    cutoff
+        FSC threshold (0.143, 0.5...).
+    best, worst
+        Clamp range of the result in Å (data limit / Nyquist, low-res cap).
+    pad
+        Window zero padding factor (FFT size ``box (pad + 1)``).
+    margin
+        Voxels at each face of the block that are not computed (default
+        ``box // 2`` on the low side, ``box - box // 2 - 1`` on the high
+        side, i.e. where a full window fits).
+    step, offset, origin
+        Compute only the voxels on the global grid ``index % step == 0``
+        (``offset``/``origin`` in Å locate the block in the map).
+    fill
+        Value of voxels not computed.
+    batch
+        Windows transformed together.
+    workers
+        Threads for ``scipy.fft``.
+
+    Returns
+    -------
+    ndarray (float32)
+        Local resolution in Å at the computed voxels, ``fill`` elsewhere.
+    """
+    box = tuple(int(b) for b in box)
+    shape = h1.shape
+    lo = tuple(b // 2 for b in box)
+    hi = tuple(b - b // 2 - 1 for b in box)
+    if margin is not None:
+        lo = hi = tuple(int(m) for m in margin)
+    out = np.full(shape, fill, dtype=np.float32)
+    inner = np.zeros(shape, dtype=bool)
+    if any(lo[a] + hi[a] >= shape[a] for a in range(3)):
+        return out
+    inner[lo[0]:shape[0] - hi[0], lo[1]:shape[1] - hi[1], lo[2]:shape[2] - hi[2]] = True
+    if step is not None and any(int(s) > 1 for s in step):
+        grid = _grid_select(shape, step, offset, origin, voxel_size)
+        sel = inner & grid
+        if mask is not None:
+            from scipy.ndimage import maximum_filter
+
+            size = tuple(2 * int(s) + 1 for s in step)
+            sel &= maximum_filter(np.asarray(mask) > 0.5, size=size, mode="constant")
+    else:
+        sel = inner if mask is None else inner & (np.asarray(mask) > 0.5)
+    centres = np.argwhere(sel)
+    if centres.size == 0:
+        return out
+    fshape = tuple(b * (int(pad) + 1) for b in box)
+    layout = shell_layout(fshape, voxel_size)
+    taper = hann_window(box)
+    res = np.empty(centres.shape[0], dtype=np.float32)
+    wlo = np.asarray([b // 2 for b in box])
+    for k in range(0, centres.shape[0], batch):
+        c = centres[k:k + batch]
+        curves, freq = local_fsc_curves(h1, h2, c - wlo, box=box, voxel_size=voxel_size, pad=pad,
+                                        layout=layout, taper=taper, workers=workers)
+        s = first_crossing(curves, freq, cutoff=cutoff)
+        res[k:k + batch] = crossing_to_resolution(s, best=best, worst=worst)
+    out[centres[:, 0], centres[:, 1], centres[:, 2]] = res
+    return out
+
+
+def interpolate_grid(
+    values: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    step: Sequence[int],
+    offset: Sequence[float],
+    origin: Sequence[float],
+    voxel_size: Sequence[float],
+    fill: float = np.nan,
+) -> np.ndarray:
+    """Trilinear fill of a block whose values are known on the global grid ``index % step == 0``.
+
+    Grid points holding NaN are left out (their weight goes to the other
+    corners); voxels with no valid corner get ``fill``. With ``mask`` only
+    voxels with ``mask > 0.5`` are filled. The block must extend ``step``
+    voxels beyond the voxels of interest (a halo).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    shape = v.shape
+    step = tuple(int(s) for s in step)
+    num = np.zeros(shape)
+    den = np.zeros(shape)
+    # per axis: global index, lower grid point (local), fractional weight
+    lows, fracs = [], []
+    for ax in range(3):
+        first = int(round((offset[ax] - origin[ax]) / voxel_size[ax]))
+        g = first + np.arange(shape[ax])
+        r = np.mod(g, step[ax])
+        lows.append(np.arange(shape[ax]) - r)
+        fracs.append(r / step[ax])
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                idx, wts, ok = [], [], []
+                for ax, d in enumerate((dz, dy, dx)):
+                    p = lows[ax] + d * step[ax]
+                    w = fracs[ax] if d else 1.0 - fracs[ax]
+                    good = (p >= 0) & (p < shape[ax])
+                    idx.append(np.clip(p, 0, shape[ax] - 1))
+                    wts.append(np.where(good, w, 0.0))
+                    ok.append(good)
+                val = v[np.ix_(idx[0], idx[1], idx[2])]
+                w3 = wts[0][:, None, None] * wts[1][None, :, None] * wts[2][None, None, :]
+                finite = np.isfinite(val)
+                w3 = np.where(finite, w3, 0.0)
+                num += w3 * np.where(finite, val, 0.0)
+                den += w3
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den > 1e-12, num / np.where(den > 1e-12, den, 1.0), fill)
+    if mask is not None:
+        out = np.where(np.asarray(mask) > 0.5, out, fill)
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- fast (band-wise) local FSC
+
+
+def gaussian_band(s: np.ndarray, *, centre: float, sigma: float) -> np.ndarray:
+    """Amplitude of a Gaussian band, ``exp(-(s - centre)^2 / (4 sigma^2))`` (1/Å).
+
+    Its square (the weight of the band's power) is a Gaussian of standard
+    deviation ``sigma`` around ``centre``.
+    """
+    t = np.asarray(s, dtype=np.float64) - centre
+    return np.exp(-(t * t) / (4.0 * sigma * sigma))
+
+
+def band_pass(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, centre: float,
+              sigma: float) -> np.ndarray:
+    """Fourier kernel (for ``engine.spectral.apply``): ``F`` times :func:`gaussian_band` of ``|k|`` (1/Å)."""
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    return (F * gaussian_band(s, centre=centre, sigma=sigma)).astype(np.complex64)
+
+
+def effective_band_sigma(window: float) -> float:
+    """Width (1/Å, standard deviation in power) of the band a Hann-tapered window of ``window`` Å sees.
+
+    A Hann window of length ``W`` has spectral power of standard deviation
+    ``1 / (sqrt(3) W)``; with the padded shell width and the mean removal
+    the exact local FSC behaves like bands of about ``0.7 / W`` (measured:
+    0.7-0.8 gives the closest agreement, see :mod:`chunkem.ops.locres`).
+    """
+    return 0.7 / float(window)
+
+
+def windowed_band_fsc(
+    h1: np.ndarray,
+    h2: np.ndarray,
+    *,
+    box: Sequence[int],
+    eps: float = 0.0,
+    workers: int = 1,
+) -> np.ndarray:
+    """Local FSC of one band at every voxel: windowed sums with the squared Hann window.
+
+    ``FSC(v) = S12 / sqrt(S11 S22)`` with
+    ``Sab(v) = sum_i w(i)^2 ha(v - box//2 + i) hb(v - box//2 + i)`` (the
+    window of :func:`local_fsc_exact`, ``w`` = :func:`hann_window`). The
+    sums are linear correlations done with zero-padded FFTs of the block:
+    exact wherever the block holds the whole window (``box // 2`` voxels
+    below, ``box - box // 2 - 1`` above: a halo); beyond the block the map
+    counts as zero, so at the true map edge the window is truncated.
+
+    Parameters
+    ----------
+    h1, h2
+        Band-passed half-map blocks.
+    box
+        Window edge per axis (voxels).
+    eps
+        Powers ``sqrt(S11 S22) <= eps`` give FSC 0.
+    workers
+        Threads for ``scipy.fft``.
+
+    Returns
+    -------
+    ndarray (float32)
+    """
+    shape = h1.shape
+    box = tuple(int(b) for b in box)
+    fshape = tuple(scipy.fft.next_fast_len(n + b - 1, real=True) for n, b in zip(shape, box))
+    a = np.asarray(h1, dtype=np.float32)
+    b = np.asarray(h2, dtype=np.float32)
+    prods = np.stack([a * b, a * a, b * b])
+    spec = scipy.fft.rfftn(prods, s=fshape, axes=(1, 2, 3), workers=workers)
+    ks = []
+    for ax in range(3):
+        w2 = hann_taper(box[ax]) ** 2
+        k = np.zeros(fshape[ax])
+        idx = (np.arange(box[ax]) - box[ax] // 2) % fshape[ax]
+        k[idx] = w2
+        kf = scipy.fft.rfft(k) if ax == 2 else scipy.fft.fft(k)
+        ks.append(np.conj(kf))  # correlation: out[v] = sum_i k[i] p[v + i - box//2]
+    spec *= (ks[0][:, None, None] * ks[1][None, :, None] * ks[2][None, None, :]).astype(np.complex64)
+    sums = scipy.fft.irfftn(spec, s=fshape, axes=(1, 2, 3), workers=workers)[:, :shape[0], :shape[1], :shape[2]]
+    s12, s11, s22 = sums[0], np.maximum(sums[1], 0), np.maximum(sums[2], 0)
+    den = np.sqrt(s11.astype(np.float64) * s22)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fsc = np.where(den > eps, s12 / np.where(den > eps, den, 1.0), 0.0)
+    return np.clip(fsc, -1.0, 1.0).astype(np.float32)
+
+
+def resolution_from_bands(
+    *bands: np.ndarray,
+    frequency: Sequence[float],
+    cutoff: float = 0.143,
+    best: float,
+    worst: float,
+    mask: np.ndarray | None = None,
+    fill: float = np.nan,
+) -> np.ndarray:
+    """Local resolution (Å) from per-band local FSC blocks, first crossing over the bands.
+
+    Parameters
+    ----------
+    bands
+        Local FSC blocks of bands ``1 ... n`` (same shape), in increasing
+        frequency order.
+    frequency
+        ``(n + 1,)`` frequencies in 1/Å: 0 (a virtual DC band with FSC 1)
+        then the band centres.
+    cutoff, best, worst
+        Threshold and clamp range (Å).
+    mask
+        Optional: voxels with ``mask <= 0.5`` get ``fill``. Pass it as the
+        first of ``bands`` is not possible; give it with this keyword.
+    fill
+        Value outside the mask.
+    """
+    stack = np.stack([np.ones_like(bands[0], dtype=np.float32)] + [np.asarray(b) for b in bands], axis=-1)
+    s = first_crossing(stack, np.asarray(frequency, dtype=np.float64), cutoff=cutoff)
+    d = crossing_to_resolution(s, best=best, worst=worst).astype(np.float32)
+    if mask is not None:
+        d = np.where(np.asarray(mask) > 0.5, d, np.float32(fill))
+    return d
+
+
+# --------------------------------------------------------------------------- MonoRes
+
+
+def raised_cosine_highpass(s: np.ndarray, *, cut: float, width: float) -> np.ndarray:
+    """MonoRes high-pass: 0 below ``cut - width``, raised cosine to 1 at ``cut``, 1 above (1/Å)."""
+    s = np.asarray(s, dtype=np.float64)
+    t = np.clip((s - (cut - width)) / width, 0.0, 1.0)
+    return 0.5 * (1.0 - np.cos(np.pi * t))
+
+
+def raised_cosine_lowpass(s: np.ndarray, *, cut: float, width: float) -> np.ndarray:
+    """MonoRes smoothing low-pass: 1 below ``cut``, raised cosine to 0 at ``cut + width`` (1/Å)."""
+    s = np.asarray(s, dtype=np.float64)
+    t = np.clip((s - cut) / width, 0.0, 1.0)
+    return 0.5 * (1.0 + np.cos(np.pi * t))
+
+
+def monogenic_filter(s: np.ndarray, *, cut: float, width: float, kind: str = "band") -> np.ndarray:
+    """Filter applied before the Riesz transform (1/Å).
+
+    ``kind="band"``: ``cos^2(pi/2 (s - cut) / width)`` for ``|s - cut| < width``
+    (a band around the tested frequency); ``kind="highpass"``: Xmipp's
+    high-pass, :func:`raised_cosine_highpass` (0 below ``cut - width``, 1
+    above ``cut``).
+    """
+    if kind == "highpass":
+        return raised_cosine_highpass(s, cut=cut, width=width)
+    if kind != "band":
+        raise ValueError(f"kind must be 'band' or 'highpass', got {kind!r}")
+    t = (np.asarray(s, dtype=np.float64) - cut) / width
+    return np.where(np.abs(t) < 1.0, np.cos(0.5 * np.pi * t) ** 2, 0.0)
+
+
+def riesz_component(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, cut: float, width: float,
+                    component: int, kind: str = "band") -> np.ndarray:
+    """Fourier kernel: the filtered map (``component=0``) or its Riesz component ``1, 2, 3`` (z, y, x).
+
+    ``R_j g = IFT(-i (k_j / |k|) H F)`` with ``H`` :func:`monogenic_filter`.
+    """
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    h = monogenic_filter(s, cut=cut, width=width, kind=kind)
+    if component == 0:
+        return (F * h).astype(np.complex64)
+    k = (kz, ky, kx)[component - 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        unit = np.where(s > 0, k / np.where(s > 0, s, 1.0), 0.0)
+    return (F * (-1j * unit * h)).astype(np.complex64)
+
+
+def lowpass_kernel(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, cut: float,
+                   width: float) -> np.ndarray:
+    """Fourier kernel: ``F`` times :func:`raised_cosine_lowpass`."""
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    return (F * raised_cosine_lowpass(s, cut=cut, width=width)).astype(np.complex64)
+
+
+def monogenic_amplitude(g: np.ndarray, r1: np.ndarray, r2: np.ndarray, r3: np.ndarray) -> np.ndarray:
+    """Monogenic amplitude ``sqrt(g^2 + r1^2 + r2^2 + r3^2)`` of a map and its Riesz components."""
+    g = np.asarray(g, dtype=np.float64)
+    return np.sqrt(g * g + np.square(r1, dtype=np.float64) + np.square(r2, dtype=np.float64)
+                   + np.square(r3, dtype=np.float64)).astype(np.float32)
+
+
+def monores_assign(
+    *ratios: np.ndarray,
+    resolutions: Sequence[float],
+    max_fails: int = 2,
+    mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """MonoRes scan: resolution of each voxel from amplitude/threshold ratios.
+
+    Steps go from low to high resolution. At step ``k`` a voxel that is still
+    active and has ``ratio_k > 1`` (monogenic amplitude above the noise
+    threshold) gets ``resolutions[k]`` and its failure counter is reset;
+    otherwise the counter grows, and after ``max_fails`` consecutive
+    failures the voxel is frozen at its last assigned resolution.
+
+    Parameters
+    ----------
+    ratios
+        Amplitude / noise threshold blocks, one per step.
+    resolutions
+        Resolution (Å) of each step, decreasing.
+    max_fails
+        Consecutive failures that freeze a voxel (Xmipp: 2).
+    mask
+        Optional block: voxels with ``mask <= 0.5`` get NaN.
+
+    Returns
+    -------
+    ndarray (float32)
+        Resolution in Å; NaN where no step passed.
+    """
+    shape = ratios[0].shape
+    res = np.full(shape, np.nan, dtype=np.float32)
+    fails = np.zeros(shape, dtype=np.int16)
+    for r, d in zip(ratios, resolutions):
+        active = fails < max_fails
+        ok = np.asarray(r) > 1.0
+        res = np.where(active & ok, np.float32(d), res)
+        fails = np.where(active, np.where(ok, 0, fails + 1), fails).astype(np.int16)
+    if mask is not None:
+        res = np.where(np.asarray(mask) > 0.5, res, np.float32(np.nan))
+    return res
+
+
+def monores_postprocess(
+    raw: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    median: float | None = None,
+    sigma: float = 3.0,
+    best: float,
+    fill: float = np.nan,
+) -> np.ndarray:
+    """MonoRes post-processing: unassigned → ``median``, Gaussian smoothing (σ voxels), keep the finer value.
+
+    Smoothed values larger than the raw value, or below ``best`` (Å,
+    Nyquist), are replaced by the raw value; voxels outside ``mask`` get
+    ``fill``. Needs a halo of ``ceil(3 sigma)`` voxels.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    r = np.asarray(raw, dtype=np.float64)
+    if median is not None:
+        r = np.where(np.isfinite(r), r, median)
+    sm = gaussian_filter(r, sigma=sigma, mode="reflect", truncate=3.0)
+    out = np.where((sm > r) | (sm < best), r, sm)
+    if mask is not None:
+        out = np.where(np.asarray(mask) > 0.5, out, fill)
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------- local filtering
+
+
+def hann_band(s: np.ndarray, *, centre: float, spacing: float) -> np.ndarray:
+    """``cos^2(pi/2 (s - centre) / spacing)`` for ``|s - centre| < spacing``, else 0.
+
+    Bands at ``centre = j * spacing``, ``j = 0, 1, ...`` sum to exactly 1 at
+    every ``s >= 0`` (a partition of unity of the spectrum).
+
+    Examples
+    --------
+    >>> s = np.linspace(0.0, 0.5, 11)
+    >>> bool(np.allclose(sum(hann_band(s, centre=j * 0.05, spacing=0.05) for j in range(12)), 1.0))
+    True
+    """
+    t = (np.asarray(s, dtype=np.float64) - centre) / spacing
+    return np.where(np.abs(t) < 1.0, np.cos(0.5 * np.pi * t) ** 2, 0.0)
+
+
+def lowpass_weight(locres: np.ndarray, *, centre: float, spacing: float) -> np.ndarray:
+    """Weight of the band at ``centre`` (1/Å) for voxels low-passed at ``locres`` (Å).
+
+    A linear ramp in frequency, 1 for ``centre <= 1/d - spacing/2`` and 0 for
+    ``centre >= 1/d + spacing/2``. Voxels without a resolution (NaN or
+    ``<= 0``) get 0.
+    """
+    d = np.asarray(locres, dtype=np.float64)
+    ok = np.isfinite(d) & (d > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cut = np.where(ok, 1.0 / np.where(ok, d, 1.0), -np.inf)
+    return np.clip((cut - centre) / spacing + 0.5, 0.0, 1.0)
+
+
+def blend_band(band: np.ndarray, locres: np.ndarray, bmap: np.ndarray | None = None, *, centre: float,
+               spacing: float, bfactor: float | None = None) -> np.ndarray:
+    """One band's contribution to a locally filtered map: ``band * weight(locres) * exp(-B centre^2 / 4)``.
+
+    ``bmap`` (per voxel) or ``bfactor`` (one number) is a B in Å², RELION
+    sign: amplitudes times ``exp(-B s^2 / 4)``, so B < 0 sharpens.
+    """
+    w = lowpass_weight(locres, centre=centre, spacing=spacing)
+    if bmap is not None:
+        w = w * np.exp(-np.asarray(bmap, dtype=np.float64) * centre * centre / 4.0)
+    elif bfactor is not None:
+        w = w * np.exp(-float(bfactor) * centre * centre / 4.0)
+    return (np.asarray(band, dtype=np.float64) * w).astype(np.float32)
