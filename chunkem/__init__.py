@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import config  # noqa: F401  (registers the chunkem dask.config defaults)
 from .errors import ChunkemError
 from .volume import make_volume, validate_volume
+from .io.maps import open_map, save
 from .io.model import Model, open_model, save_model
 from .ops.fsc import FSCResult, fsc
 from .ops.postprocess import PostprocessResult, postprocess
@@ -21,6 +22,8 @@ __all__ = [
     "ChunkemError",
     "make_volume",
     "validate_volume",
+    "open_map",
+    "save",
     "Model",
     "open_model",
     "save_model",
