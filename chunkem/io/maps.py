@@ -240,7 +240,13 @@ def save(
 
     Raises
     ------
-    OutputError, ParameterError, GeometryError
+    OutputError
+        Folder not writable, output exists with ``overwrite=False``, or the
+        output is the file a lazily read Volume still reads from (its
+        ``attrs["header"]["source"]``).
+    ParameterError, GeometryError, DataValueError
+        Bad options, a malformed Volume, or a forced ``mode`` the values do
+        not fit.
     """
     kind = map_format(path, for_writing=True)
     _refuse_own_source(vol, path)

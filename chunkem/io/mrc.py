@@ -89,7 +89,7 @@ import xarray as xr
 from dask.base import tokenize
 
 from ..errors import DataValueError, InputFileError, MapFormatError, OutputError, ParameterError
-from ..volume import DIMS, as_triple, make_volume, origin as vol_origin, validate_volume, voxel_size as vol_voxel_size
+from ..volume import as_triple, make_volume, origin as vol_origin, validate_volume, voxel_size as vol_voxel_size
 from .maps import block_stats, compute, merge_stats, prepare_output
 
 __all__ = ["MrcHeader", "read_mrc_header", "read_mrc", "write_mrc", "MODES"]
