@@ -773,6 +773,16 @@ class PreparedBlock:
         out = np.bincount(self.flat, weights=v * atoms.occ.take(self.aid), minlength=size)
         return out.reshape(self.shape).astype(dtype, copy=False)
 
+    def curvature(self, atoms: AtomSet, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-atom Gauss–Newton diagonals ``(Σ (∂ρ/∂B)², Σ (∂ρ/∂occ)²)`` over the block (or ``mask``)."""
+        atoms = self._atoms(atoms)
+        v, dB = self._values(atoms, True)
+        w = 1.0 if mask is None else np.asarray(mask, dtype=np.float64).ravel().take(self.flat)
+        occ = atoms.occ.take(self.aid)
+        hb = np.bincount(self.aid, weights=w * (dB * occ) ** 2, minlength=self.n)
+        ho = np.bincount(self.aid, weights=w * v * v, minlength=self.n)
+        return hb, ho
+
     def adjoint(self, field: np.ndarray, atoms: AtomSet) -> tuple[np.ndarray, np.ndarray]:
         """Per-atom ``(Σ G ∂ρ/∂B, Σ G ∂ρ/∂occ)`` over the block (B in Å², decay convention)."""
         atoms = self._atoms(atoms)
