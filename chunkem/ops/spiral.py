@@ -49,9 +49,11 @@ Deviations from the reference (each with a switch back)
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -83,6 +85,8 @@ __all__ = [
     "auto_mask",
     "guinier_b",
     "choose_probes",
+    "plot_guinier",
+    "plot_slices",
     "demo_stage",
 ]
 
@@ -1247,6 +1251,100 @@ def guinier_b(vol: xr.DataArray, *, resolution_range: Sequence[float], mask: xr.
     return GuinierResult(line, prof.frequency, amp, mask is not None)
 
 
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def _png(fig: Any, path: str | os.PathLike) -> Path:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from ..cli.common import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
+
+
+def plot_guinier(result: LocBFactorResult, path: str | os.PathLike) -> Path:
+    """PNG of the local Guinier plots at the result's probe voxels (points, fitted line, noise level).
+
+    The y axis is ``ln(C·m·sqrt(N_vox))``; the slope × 4 is the local B in
+    RELION sign (given in each legend).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result.guinier_points()
+    if not pts:
+        raise ParameterError("plot_guinier: the result has no probe voxels (pass probes= to locbfactor)")
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colours = ["tab:red", "tab:orange", "tab:blue", "tab:green", "tab:purple", "tab:brown"]
+    noise = None
+    for i, (name, p) in enumerate(pts.items()):
+        x, y = np.asarray(p["s2"]), np.asarray(p["ln_amplitude"])
+        col = colours[i % len(colours)]
+        b = float(np.asarray(result.b_factor.values[tuple(p["voxel_zyx"])]))
+        a = float(np.asarray(result.intercept.values[tuple(p["voxel_zyx"])]))
+        ax.plot(x, y, "o", color=col, ms=4, label=f"{name} {tuple(p['voxel_zyx'])}: B = {b:.1f} Å²")
+        if np.isfinite(b):
+            ax.plot(x, a + b / 4.0 * x, "-", color=col, lw=1)
+        noise = p["noise"]
+    if noise is not None:
+        ax.plot(pts[next(iter(pts))]["s2"], noise, "k--", lw=1, label="noise level (band quantile)")
+    ax.set_xlabel("s² (1/Å²)")
+    ax.set_ylabel("ln(C·m·sqrt(N))")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    lo, hi = result.params.get("resolution_range_A", [None, None])
+    ax.set_title(f"local Guinier plots, {lo}–{hi} Å (B in RELION sign = 4 × slope)")
+    return _png(fig, path)
+
+
+def plot_slices(vols: dict[str, xr.DataArray], path: str | os.PathLike, *, mask: xr.DataArray | None = None,
+                cmaps: dict[str, str] | None = None, title: str = "") -> Path:
+    """PNG of the central z, y and x slices of each Volume (one row each; computes the slices only).
+
+    With ``mask``, voxels outside it (≤ 0.5) are blanked in every panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(vols)
+    fig, axes = plt.subplots(len(names), 3, figsize=(9.5, 3.0 * len(names)), dpi=100, squeeze=False)
+    for row, name in enumerate(names):
+        v = vols[name]
+        nz, ny, nx = v.shape
+        cuts = [(0, nz // 2), (1, ny // 2), (2, nx // 2)]
+        sl = []
+        for ax_, i in cuts:
+            index = [slice(None)] * 3
+            index[ax_] = i
+            img = np.asarray(v.data[tuple(index)], dtype=np.float64)
+            if mask is not None:
+                img = np.where(np.asarray(mask.data[tuple(index)]) > 0.5, img, np.nan)
+            sl.append(img)
+        finite = np.concatenate([s[np.isfinite(s)].ravel() for s in sl]) if sl else np.array([0.0])
+        vmin, vmax = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        for col, (img, (ax_, i)) in enumerate(zip(sl, cuts)):
+            a = axes[row, col]
+            im = a.imshow(img, origin="lower", cmap=(cmaps or {}).get(name, "gray"), vmin=vmin, vmax=vmax)
+            a.set_title(f"{name}: {'zyx'[ax_]} = {i}", fontsize=8)
+            a.set_xticks([])
+            a.set_yticks([])
+        fig.colorbar(im, ax=axes[row, 2], fraction=0.046, pad=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig, path)
+
+
 # --- demo ----------------------------------------------------------------------------------------
 
 
@@ -1260,8 +1358,6 @@ def demo_stage(ctx: dict[str, Any]) -> dict[str, Any]:
     The documented conversion is therefore
     ``B_atomic ≈ -b_factor - B_intrinsic``.
     """
-    from pathlib import Path
-
     from ..engine.cluster import compute
     from ..io import save
     from ..phantoms import render_gemmi
