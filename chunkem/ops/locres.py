@@ -185,6 +185,12 @@ class LocalResolutionResult:
         st = self.statistics()
         return (float(st.get("q25_A", math.nan)), float(st.get("q75_A", math.nan)))
 
+    def with_resolution(self, resolution: xr.DataArray) -> LocalResolutionResult:
+        """The same result holding another resolution Volume (e.g. the map reopened from disk)."""
+        from dataclasses import replace
+
+        return replace(self, resolution=resolution, _stats=None)
+
     def to_dict(self) -> dict[str, Any]:
         """Parameters and statistics for a JSON report (computes the statistics)."""
         return {
@@ -205,22 +211,25 @@ class LocalResolutionResult:
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """Write a PNG: histogram inside the mask and central slices coloured by resolution."""
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
 
         from ..cli.common import atomic_write_bytes
 
         vals = self.values_in_mask()
-        res = np.asarray(self.resolution.values, dtype=np.float64)
-        ok = (res != self.fill) & np.isfinite(res)
-        if self.mask is not None:
-            ok &= np.asarray(self.mask.values) > 0.5
-        shown = np.where(ok, res, np.nan)
+        nz, ny, nx = self.resolution.shape
+        cuts = (np.s_[nz // 2, :, :], np.s_[:, ny // 2, :], np.s_[:, :, nx // 2])
+        slices = []
+        for sl in cuts:
+            r = np.asarray(self.resolution.data[sl], dtype=np.float64)
+            ok = (r != self.fill) & np.isfinite(r)
+            if self.mask is not None:
+                ok &= np.asarray(self.mask.data[sl]) > 0.5
+            slices.append(np.where(ok, r, np.nan))
         lo, hi = (np.percentile(vals, [1, 99]) if vals.size else (self.best, self.worst))
         if hi <= lo:
             hi = lo + 1e-3
-        fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+        fig = Figure(figsize=(16, 4))
+        axes = fig.subplots(1, 4)
         ax = axes[0]
         if vals.size:
             ax.hist(vals, bins=40, color="0.4")
@@ -229,13 +238,10 @@ class LocalResolutionResult:
             ax.legend()
         ax.set_xlabel("local resolution (Å)")
         ax.set_ylabel("voxels")
-        nz, ny, nx = res.shape
-        cmap = matplotlib.colormaps["jet_r"].copy()
-        cmap.set_bad("white")
+        cmap = matplotlib.colormaps["jet_r"].with_extremes(bad="white")
         im = None
-        for a, (sl, lab) in zip(axes[1:], ((np.s_[nz // 2, :, :], "z"), (np.s_[:, ny // 2, :], "y"),
-                                         (np.s_[:, :, nx // 2], "x"))):
-            im = a.imshow(shown[sl], cmap=cmap, vmin=lo, vmax=hi, origin="lower")
+        for a, img, lab in zip(axes[1:], slices, "zyx"):
+            im = a.imshow(img, cmap=cmap, vmin=lo, vmax=hi, origin="lower")
             a.set_title(f"central {lab} slice")
             a.set_xticks([])
             a.set_yticks([])
@@ -246,7 +252,6 @@ class LocalResolutionResult:
 
         buf = _io.BytesIO()
         fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
         atomic_write_bytes(Path(path), buf.getvalue())
         return Path(path)
 
@@ -508,8 +513,18 @@ def _monogenic(spec, *, cut, width, kind, smooth_cut, smooth_width, chunks, stra
     return spectral.fourier_filter(amp, K.lowpass_kernel, strategy=strategy, cut=smooth_cut, width=smooth_width)
 
 
+def _dilate_block(mask, *, radius, voxel_size):
+    """Mask > 0.5 grown by a ball of ``radius`` Å (as float32 0/1)."""
+    from scipy import ndimage
+
+    r = [int(math.floor(radius / v)) for v in voxel_size]
+    z, y, x = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1, -r[2]:r[2] + 1]
+    ball = (z * voxel_size[0]) ** 2 + (y * voxel_size[1]) ** 2 + (x * voxel_size[2]) ** 2 <= radius**2
+    return ndimage.binary_dilation(np.asarray(mask) > 0.5, structure=ball).astype(np.float32)
+
+
 def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, significance, kind, smoothing,
-             band_width, strategy):
+             band_width, strategy, noise_margin):
     shape = tuple(int(n) for n in h1.shape)
     L = float(min(n * v for n, v in zip(shape, vs)))
     # resolutions: coarse -> fine, one per Fourier shell
@@ -539,8 +554,10 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         spec_s = spectral.rfft(h1, strategy=strategy)
         spec_n = None
         sphere = _sphere_select(shape, h1.data if lazy else None)
-        outside = mask.data <= 0.5
-        noise_select = sphere & outside
+        # noise: outside the mask grown by `noise_margin` Å (no signal tails), inside the centred sphere
+        grown = run_local(_dilate_block, mask, reach=noise_margin, radius=noise_margin, voxel_size=vs,
+                          name="grown_mask")
+        noise_select = sphere & (grown.data <= 0.5)
     amin = min(vs)
     edge = 0.02 / amin  # Xmipp's raised-cosine edge: 0.02 cycles/voxel
     ratios = []
@@ -578,18 +595,39 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
     return res, ds
 
 
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu threshold of a sample (maximises the between-class variance)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres)
+    mt = m0[-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        between = (mt * w0 - m0 * w0[-1]) ** 2 / (w0 * w1)
+    between = np.nan_to_num(between[:-1], nan=-1.0)
+    return float(edges[1:][:-1][int(np.argmax(between))]) if between.size else float(np.median(values))
+
+
 def _auto_mask(vol: xr.DataArray) -> xr.DataArray:
-    """Automatic mask (lazy): Gaussian-smoothed map (σ = 2 voxels) above mean + 2 std, dilated by 2 voxels."""
+    """Automatic mask: the map smoothed by a Gaussian (σ = 2 voxels) above its Otsu threshold, dilated by 2 voxels.
+
+    The threshold is computed (a strided sample of the smoothed map); the mask
+    itself stays lazy.
+    """
     from scipy import ndimage
 
     vs = voxel_size(vol)
-    sm = run_local(ndimage.gaussian_filter, vol, reach=tuple(8 * v for v in vs), boundary="periodic", sigma=2.0,
-                   mode="wrap", truncate=4.0, name="smoothed")
-    data = sm.data
-    thr = data.mean() + 2 * data.std()
-    binary = like(vol, (data > thr).astype(np.float32), name="auto_mask")
-    return run_local(ndimage.maximum_filter, binary, reach=tuple(2 * v for v in vs), boundary="periodic", size=5,
-                     mode="wrap", name="auto_mask")
+    sm = run_local(ndimage.gaussian_filter, vol, reach=tuple(8 * v for v in vs), sigma=2.0, mode="reflect",
+                   truncate=4.0, name="smoothed")
+    n = int(np.prod(vol.shape))
+    stride = max(1, int(math.ceil((n / 2_000_000) ** (1 / 3))))
+    sample = sm.data[::stride, ::stride, ::stride]
+    sample = np.asarray(sample.compute() if isinstance(sample, da.Array) else sample, dtype=np.float64)
+    thr = _otsu(sample.ravel())
+    binary = like(vol, (sm.data > thr).astype(np.float32), name="auto_mask")
+    return run_local(ndimage.maximum_filter, binary, reach=tuple(2 * v for v in vs), size=5, mode="nearest",
+                     name="auto_mask")
 
 
 # --------------------------------------------------------------------------- public API
@@ -614,6 +652,7 @@ def local_resolution(
     significance: float = 0.95,
     monores_filter: str = "band",
     smoothing: float = 2.0,
+    noise_margin: float = 6.0,
     fill: float = 0.0,
     strategy: str = "auto",
 ) -> LocalResolutionResult:
@@ -672,6 +711,10 @@ def local_resolution(
     smoothing
         MonoRes: the amplitude is low-passed at ``f / smoothing``
         (Xmipp: 1).
+    noise_margin
+        MonoRes with one map: the noise voxels are those farther than this
+        (Å) from the mask (Xmipp: 0), so that density tails just outside a
+        tight mask do not raise the noise threshold.
     fill
         Value of voxels not estimated.
     strategy
@@ -778,7 +821,8 @@ def local_resolution(
             raise DataValueError("MonoRes: the automatic mask is empty; give a mask")
     res, ds = _monores(half1, half2, mask, vs=vs, best=best, max_resolution=max_resolution,
                        resolution_step=float(resolution_step), significance=float(significance),
-                       kind=monores_filter, smoothing=float(smoothing), band_width=0.2, strategy=strategy)
+                       kind=monores_filter, smoothing=float(smoothing), band_width=0.2, strategy=strategy,
+                       noise_margin=float(noise_margin))
     worst_v = float(worst) if worst is not None else max_resolution
     res = _clip(res, best, worst_v)
     res = _fill_outside(res, mask, fill, chunks=_input_chunks(half1))

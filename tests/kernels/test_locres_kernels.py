@@ -1,0 +1,241 @@
+"""Kernels of local resolution against brute-force and analytic references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.fft
+import scipy.ndimage as ndi
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chunkem.kernels import locres as K
+from chunkem.kernels.fsc import resolution_crossing
+
+
+def _naive_curve(c1, c2, pad_shape, vs):
+    """FSC of two tapered cubes by a full complex FFT and explicit shell loops (rfft half-space)."""
+    F1 = np.fft.fftn(c1, s=pad_shape, axes=(0, 1, 2))
+    F2 = np.fft.fftn(c2, s=pad_shape, axes=(0, 1, 2))
+    k = [np.fft.fftfreq(n, d=v) for n, v in zip(pad_shape, vs)]
+    L = min(n * v for n, v in zip(pad_shape, vs))
+    nshell = min(pad_shape) // 2 + 1
+    num = np.zeros(nshell)
+    d1 = np.zeros(nshell)
+    d2 = np.zeros(nshell)
+    nx = pad_shape[2]
+    for iz in range(pad_shape[0]):
+        for iy in range(pad_shape[1]):
+            for ix in range(nx // 2 + 1):  # the rfft half-space: kx index 0 .. nx//2
+                s = np.sqrt(k[0][iz] ** 2 + k[1][iy] ** 2 + (ix / (nx * vs[2])) ** 2)
+                i = int(np.floor(s * L + 0.5))
+                if i >= nshell:
+                    continue
+                a, b = F1[iz, iy, ix], F2[iz, iy, ix]
+                num[i] += (a * np.conj(b)).real
+                d1[i] += abs(a) ** 2
+                d2[i] += abs(b) ** 2
+    out = num / np.sqrt(d1 * d2)
+    out[0] = 1.0
+    return out
+
+
+def test_hann_taper_values():
+    w = K.hann_taper(9)
+    i = np.arange(9)
+    np.testing.assert_allclose(w, np.sin(np.pi * i / 8) ** 2, atol=1e-15)
+    assert w[0] == 0 and w[-1] == 0 and w[4] == pytest.approx(1.0)
+    W = K.hann_window((4, 5, 6))
+    np.testing.assert_allclose(W, np.einsum("i,j,k->ijk", K.hann_taper(4), K.hann_taper(5), K.hann_taper(6)))
+
+
+@pytest.mark.parametrize("box,vs,pad", [((6, 6, 6), (1.0, 1.0, 1.0), 1), ((5, 6, 7), (1.2, 1.0, 0.9), 1),
+                                        ((6, 6, 6), (2.0, 2.0, 2.0), 0)])
+def test_local_fsc_curves_match_brute_force(box, vs, pad):
+    rng = np.random.default_rng(1)
+    h1 = rng.standard_normal((14, 15, 16)).astype(np.float32)
+    h2 = (h1 + 1.5 * rng.standard_normal(h1.shape)).astype(np.float32)
+    starts = np.array([[0, 0, 0], [3, 4, 5], [14 - box[0], 15 - box[1], 16 - box[2]]])
+    curves, freq = K.local_fsc_curves(h1, h2, starts, box=box, voxel_size=vs, pad=pad)
+    w = K.hann_window(box)
+    pad_shape = tuple(b * (pad + 1) for b in box)
+    L = min(n * v for n, v in zip(pad_shape, vs))
+    np.testing.assert_allclose(freq, np.arange(min(pad_shape) // 2 + 1) / L)
+    for k, s0 in enumerate(starts):
+        sl = tuple(slice(s, s + b) for s, b in zip(s0, box))
+        c1 = h1[sl].astype(np.float64)
+        c2 = h2[sl].astype(np.float64)
+        ref = _naive_curve((c1 - c1.mean()) * w, (c2 - c2.mean()) * w, pad_shape, vs)
+        np.testing.assert_allclose(curves[k], ref, atol=2e-5)
+
+
+def test_local_fsc_curves_rejects_windows_outside():
+    h = np.zeros((8, 8, 8), np.float32)
+    with pytest.raises(ValueError, match="leaves the array"):
+        K.local_fsc_curves(h, h, np.array([[5, 0, 0]]), box=(4, 4, 4), voxel_size=(1, 1, 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-0.3, 1.0), min_size=3, max_size=30), st.floats(0.05, 0.6))
+def test_first_crossing_matches_global_fsc_rule(values, cutoff):
+    """Vectorised crossing == the global FSC kernel's first-crossing rule (independent implementation)."""
+    curve = np.array([1.0] + values)
+    L = 123.0
+    freq = np.arange(curve.size) / L
+    s = K.first_crossing(curve, freq, cutoff=cutoff)
+    d = K.crossing_to_resolution(s, best=0.0, worst=999.0)
+    ref = resolution_crossing(curve, box_edge=L, threshold=cutoff, nyquist=L / (curve.size - 1))
+    assert d == pytest.approx(ref.resolution_interp, rel=1e-9)
+
+
+def test_first_crossing_edge_cases_batched():
+    f = np.arange(5) / 10.0
+    curves = np.array([[1, 0.9, 0.8, 0.7, 0.6],  # never crosses -> last frequency
+                       [1, 0.1, 0.9, 0.9, 0.9],  # shell 1 fails -> 0 (worst after clamping)
+                       [1, 0.5, 0.2, 0.0, 0.9],  # crosses between shells 2 and 3
+                       [1, np.nan, 0.9, 0.9, 0.9]])  # NaN counts as 0
+    s = K.first_crossing(curves, f, cutoff=0.143)
+    assert s[0] == pytest.approx(0.4)
+    assert s[1] == 0.0 and s[3] == 0.0
+    assert s[2] == pytest.approx(0.2 + 0.1 * (0.2 - 0.143) / 0.2)
+    d = K.crossing_to_resolution(s, best=2.5, worst=8.0)
+    assert d[0] == 2.5 and d[1] == 8.0
+
+
+def test_local_fsc_exact_equals_per_voxel_curves():
+    rng = np.random.default_rng(2)
+    h1 = rng.standard_normal((18, 18, 18)).astype(np.float32)
+    h2 = (h1 + rng.standard_normal(h1.shape)).astype(np.float32)
+    h1 = ndi.gaussian_filter(h1, 1.0)
+    h2 = ndi.gaussian_filter(h2, 1.0)
+    mask = np.zeros(h1.shape, np.float32)
+    mask[6:12, 7:10, 8:11] = 1.0
+    box = (8, 8, 8)
+    out = K.local_fsc_exact(h1, h2, mask, box=box, voxel_size=(1.0, 1.0, 1.0), best=2.0, worst=8.0, batch=7)
+    sel = mask > 0.5
+    assert np.isnan(out[~sel]).all()
+    cz, cy, cx = np.nonzero(sel)
+    for z, y, x in zip(cz[::5], cy[::5], cx[::5]):
+        curve, freq = K.local_fsc_curves(h1, h2, np.array([[z - 4, y - 4, x - 4]]), box=box, voxel_size=(1, 1, 1))
+        s = K.first_crossing(curve[0], freq)
+        assert out[z, y, x] == pytest.approx(float(np.clip(1 / s if s > 0 else 99, 2.0, 8.0)), rel=1e-6)
+    # voxels whose window leaves the block are not computed
+    edge = K.local_fsc_exact(h1, h2, None, box=box, voxel_size=(1, 1, 1), best=2.0, worst=8.0)
+    assert np.isnan(edge[:4]).all() and np.isnan(edge[-3:]).all() and np.isfinite(edge[4:-3, 4:-3, 4:-3]).all()
+
+
+def test_local_fsc_exact_step_grid_and_interpolation():
+    rng = np.random.default_rng(3)
+    h1 = ndi.gaussian_filter(rng.standard_normal((20, 20, 20)), 1.0).astype(np.float32)
+    h2 = (h1 + 0.3 * rng.standard_normal(h1.shape)).astype(np.float32)
+    full = K.local_fsc_exact(h1, h2, None, box=(8, 8, 8), voxel_size=(1, 1, 1), best=2.0, worst=8.0)
+    grid = K.local_fsc_exact(h1, h2, None, box=(8, 8, 8), voxel_size=(1, 1, 1), best=2.0, worst=8.0, step=(2, 2, 2),
+                             offset=(-1.0, 0.0, 0.0), origin=(0.0, 0.0, 0.0))
+    # computed voxels: global index (local - 1 along z) even, equal to the full computation there
+    done = np.isfinite(grid)
+    zz, yy, xx = np.nonzero(done)
+    assert ((zz - 1) % 2 == 0).all() and (yy % 2 == 0).all() and (xx % 2 == 0).all()
+    np.testing.assert_array_equal(grid[done], full[done])
+
+
+def test_interpolate_grid_reproduces_linear_function():
+    shape = (11, 12, 13)
+    z, y, x = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    f = 0.5 * z - 0.25 * y + 0.1 * x + 3.0
+    grid = np.where((z % 3 == 0) & (y % 3 == 0) & (x % 3 == 0), f, np.nan)
+    out = K.interpolate_grid(grid, step=(3, 3, 3), offset=(0, 0, 0), origin=(0, 0, 0), voxel_size=(1, 1, 1))
+    inner = (slice(0, 10), slice(0, 10), slice(0, 13))  # voxels with grid points on both sides along z, y
+    np.testing.assert_allclose(out[inner][:, :, :13 - 1], f[inner][:, :, :12], atol=1e-5)
+
+
+def test_windowed_band_fsc_matches_direct_correlation():
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((20, 22, 24)).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape)).astype(np.float32)
+    for box in [(6, 7, 8), (5, 5, 5), (20, 3, 24)]:
+        got = K.windowed_band_fsc(a, b, box=box)
+
+        def wsum(p):
+            o = p.astype(np.float64)
+            for ax in range(3):
+                o = ndi.correlate1d(o, K.hann_taper(box[ax]) ** 2, axis=ax, mode="constant")
+            return o
+
+        ref = wsum(a * b) / np.sqrt(wsum(a * a) * wsum(b * b))
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert np.allclose(K.windowed_band_fsc(a, a, box=(5, 5, 5)), 1.0, atol=1e-5)
+
+
+def test_gaussian_band_power_width():
+    s = np.linspace(0, 1, 20001)
+    p = K.gaussian_band(s, centre=0.4, sigma=0.03) ** 2
+    mean = (s * p).sum() / p.sum()
+    std = np.sqrt(((s - mean) ** 2 * p).sum() / p.sum())
+    assert mean == pytest.approx(0.4, abs=1e-6) and std == pytest.approx(0.03, rel=1e-4)
+    # the Hann window's own spectral spread, 1/(sqrt(3) W), is what the exact mode smears shells by
+    assert K.effective_band_sigma(20.0) > 1 / (np.sqrt(3) * 20.0)
+
+
+def test_hann_bands_partition_of_unity_and_lowpass_weights():
+    s = np.linspace(0, 0.5, 501)
+    bands = [K.hann_band(s, centre=j * 0.05, spacing=0.05) for j in range(11)]
+    np.testing.assert_allclose(sum(bands), 1.0, atol=1e-12)
+    w = K.lowpass_weight(np.array([4.0, np.nan, -1.0]), centre=0.2, spacing=0.05)
+    np.testing.assert_allclose(w, [1.0, 0.0, 0.0])
+    w = K.lowpass_weight(np.array([1 / 0.21, 1 / 0.19]), centre=0.2, spacing=0.05)
+    np.testing.assert_allclose(w, [0.7, 0.3], atol=1e-12)
+
+
+def test_monogenic_amplitude_of_a_plane_wave_is_its_amplitude():
+    """Riesz pair of cos(2π k·x) is the sine along k: the monogenic amplitude is constant."""
+    n, a = 32, 1.0
+    k = np.array([3, 2, 5]) / (n * a)
+    z, y, x = np.meshgrid(*[np.arange(n) * a] * 3, indexing="ij")
+    f = 2.5 * np.cos(2 * np.pi * (k[0] * z + k[1] * y + k[2] * x) + 0.7)
+    F = scipy.fft.rfftn(f)
+    kz = np.fft.fftfreq(n, a)[:, None, None]
+    ky = np.fft.fftfreq(n, a)[None, :, None]
+    kx = np.fft.rfftfreq(n, a)[None, None, :]
+    cut = float(np.linalg.norm(k))
+    comps = [scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=cut, width=0.2 * cut, component=c),
+                           s=f.shape) for c in range(4)]
+    amp = K.monogenic_amplitude(*comps)
+    np.testing.assert_allclose(amp, 2.5, rtol=1e-4)
+    # the high-pass variant passes it too; a band elsewhere removes it
+    hp = scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=cut * 0.9, width=0.02, component=0,
+                                         kind="highpass"), s=f.shape)
+    np.testing.assert_allclose(hp, f, atol=1e-4)
+    off = scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=2 * cut, width=0.2 * cut, component=0),
+                        s=f.shape)
+    assert np.abs(off).max() < 1e-4
+
+
+def test_monores_assign_two_failure_rule():
+    shape = (1, 1, 5)
+    steps = np.array([
+        # voxel: 0 pass all, 1 P P F P F F, 2 never, 3 P F F P, 4 P F P F P
+        [2, 2, 0, 2, 2],
+        [2, 2, 0, 0, 0],
+        [2, 0, 0, 0, 2],
+        [2, 2, 0, 2, 0],
+        [2, 0, 0, 2, 2],
+        [2, 0, 0, 2, 0],
+    ], dtype=np.float32)
+    ratios = [s.reshape(shape) for s in steps]
+    res = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0]
+    out = K.monores_assign(*ratios, resolutions=res).ravel()
+    assert out[0] == 3.0  # passed every step
+    assert out[1] == 5.0  # P P F P F F: frozen after two failures at the last pass (step 3)
+    assert np.isnan(out[2])  # never passed
+    assert out[3] == 10.0  # P F F: frozen; the later pass is ignored
+    assert out[4] == 4.0  # P F P F P F: never two failures in a row; last pass at step 4
+
+
+def test_monores_postprocess_keeps_the_finer_value():
+    rng = np.random.default_rng(5)
+    raw = (4 + rng.random((16, 16, 16))).astype(np.float32)
+    raw[3, 3, 3] = np.nan
+    out = K.monores_postprocess(raw, median=4.5, sigma=2.0, best=2.0)
+    filled = np.where(np.isfinite(raw), raw, 4.5)
+    sm = ndi.gaussian_filter(filled.astype(np.float64), 2.0, mode="reflect", truncate=3.0)
+    np.testing.assert_allclose(out, np.minimum(sm, filled), rtol=1e-6)
