@@ -85,6 +85,7 @@ __all__ = [
     "model_free_reference",
     "band_centres",
     "hat_multiplier",
+    "band_norms",
     "fast_block",
 ]
 
@@ -315,9 +316,12 @@ def window_profiles(windows: np.ndarray, plan: WindowPlan) -> np.ndarray:
     single = w.ndim == 3
     if single:
         w = w[None]
-    F = np.abs(scipy.fft.rfftn(w, axes=(1, 2, 3), norm="ortho"))
-    onehot = plan.mean_matrix.reshape(plan.fshape[0], plan.fshape[2], plan.fshape[1], -1).transpose(0, 2, 1, 3)
-    prof = np.einsum("nzyx,zyxb->nb", F.astype(np.float64), onehot.astype(np.float64))
+    F = np.abs(scipy.fft.rfftn(np.asarray(w, dtype=np.float64), axes=(1, 2, 3), norm="ortho"))
+    bins = plan.bin_index.ravel()
+    use = bins >= 0
+    counts = np.bincount(bins[use], minlength=plan.n_bins)
+    sums = np.stack([np.bincount(bins[use], weights=f.ravel()[use], minlength=plan.n_bins) for f in F])
+    prof = sums / np.where(counts > 0, counts, 1)
     return prof[0] if single else prof
 
 
@@ -502,13 +506,14 @@ def guinier_fit(
     d_max: float,
     d_min: float,
     theory: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares fit ``ln P(s) - ln T(s) = ln A - B s²/4`` over ``d_min <= 1/s <= d_max``.
 
     Parameters
     ----------
     profiles
-        (n, n_bins) positive amplitude profiles.
+        (n, n_bins) amplitude profiles.
     frequency
         (n_bins,) 1/Å.
     d_max, d_min
@@ -516,17 +521,20 @@ def guinier_fit(
         cut-off; ``d_min`` the resolution).
     theory
         (n_bins,) expected shape ``T(s)`` (default 1: a plain Guinier fit).
+    valid
+        Optional (n, n_bins) boolean: bins each profile may use (with the
+        range; non-positive values are always skipped).
 
     Returns
     -------
     (B, lnA)
-        Arrays of shape (n,): decay B in Å² and the log amplitude; NaN where a
-        profile has a non-positive value in the range.
+        Arrays of shape (n,): decay B in Å² and the log amplitude; NaN where
+        fewer than 2 usable bins remain.
 
     Raises
     ------
     ParameterError
-        Fewer than 2 bins in the range.
+        Fewer than 2 bins in the range at all.
     """
     f = np.asarray(frequency, dtype=np.float64)
     with np.errstate(divide="ignore"):
@@ -537,20 +545,26 @@ def guinier_fit(
             f"the Guinier fit between {d_max:g} and {d_min:g} Å has {int(sel.sum())} profile bin(s) "
             f"(bin spacing {f[1] if f.size > 1 else float('nan'):.3g} 1/Å); use a larger window or a finer resolution"
         )
-    P = np.asarray(profiles, dtype=np.float64)[..., sel]
+    P = np.atleast_2d(np.asarray(profiles, dtype=np.float64))[:, sel]
     t = np.ones(sel.sum()) if theory is None else np.asarray(theory, dtype=np.float64)[sel]
+    w = P > 0
+    if valid is not None:
+        w &= np.atleast_2d(np.asarray(valid, dtype=bool))[:, sel]
     with np.errstate(divide="ignore", invalid="ignore"):
-        y = np.log(P) - np.log(t)
+        y = np.where(w, np.log(np.where(w, P, 1.0)) - np.log(t), 0.0)
     x = f[sel] ** 2
-    xm = x.mean()
-    dx = x - xm
-    slope = (y - y.mean(axis=-1, keepdims=True)) @ dx / np.sum(dx * dx)
-    lnA = y.mean(axis=-1) - slope * xm
-    B = -4.0 * slope
-    bad = ~np.all(np.isfinite(y), axis=-1)
-    B = np.where(bad, np.nan, B)
-    lnA = np.where(bad, np.nan, lnA)
-    return B, lnA
+    wf = w.astype(np.float64)
+    n = wf.sum(axis=1)
+    sx = wf @ x
+    sy = (wf * y).sum(axis=1)
+    sxx = wf @ (x * x)
+    sxy = (wf * y) @ x
+    den = n * sxx - sx * sx
+    ok = (n >= 2) & (den > 1e-12 * np.maximum(n * sxx, 1e-300))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(ok, (n * sxy - sx * sy) / np.where(ok, den, 1.0), np.nan)
+        lnA = np.where(ok, (sy - slope * sx) / np.where(ok, n, 1.0), np.nan)
+    return -4.0 * slope, lnA
 
 
 def merge_profiles(p_low: np.ndarray, p_high: np.ndarray, frequency: np.ndarray, *, d_cut: float,
@@ -574,18 +588,28 @@ def model_free_reference(
     resolution: float,
     target_bfactor: float = 20.0,
     wilson_cutoff: float = 10.0,
+    noise: np.ndarray | None = None,
     smooth_low: float = 1.0,
     smooth_high: float = 10.0,
     composition: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference profiles from expected scattering with a locally fitted B (no model).
 
-    For each profile ``P``: fit ``ln P - ln T = ln A - B_loc s²/4`` between
-    ``wilson_cutoff`` and ``resolution`` (:func:`guinier_fit`, ``T`` from
-    :func:`expected_amplitude`); the target is ``A T(s) exp(-target_bfactor
-    s²/4)``, blended with ``P`` itself at resolutions coarser than
-    ``wilson_cutoff`` (logistic steepness ``smooth_low`` 1/Å) and rolled off
-    to 0 above ``resolution`` (steepness ``smooth_high``).
+    For each profile ``P``:
+
+    1. signal ``S = sqrt(max(P² - N², 0))`` with ``N`` the noise profile
+       (``S = P`` without one);
+    2. fit ``ln S - ln T = ln A - B_loc s²/4`` between ``wilson_cutoff`` and
+       ``resolution`` over the bins where ``S > N`` (all bins without noise)
+       (:func:`guinier_fit`, ``T`` from :func:`expected_amplitude`);
+    3. target ``A T(s) exp(-target_bfactor s²/4) · W(s)``, with the local
+       Wiener factor ``W = SNR / (1 + SNR)`` of the *fitted* signal,
+       ``SNR = (A T(s) exp(-B_loc s²/4))² / N²`` (1 without a noise profile),
+       so that shells where the window's signal has faded are not amplified;
+    4. blended with ``P`` itself at resolutions coarser than
+       ``wilson_cutoff`` (logistic steepness ``smooth_low``) and rolled off to
+       0 above ``resolution`` (steepness ``smooth_high``), as LocScale's
+       ``merge_two_profiles``.
 
     Parameters
     ----------
@@ -600,24 +624,45 @@ def model_free_reference(
         ``B_loc - target_bfactor``.
     wilson_cutoff
         Å, the fit's low-resolution end (Wilson regime starts near 10 Å).
+    noise
+        (n_bins,) noise amplitude profile on the same scale (e.g. from solvent
+        windows), or None.
 
     Returns
     -------
     (reference, B_loc)
-        (n, n_bins) reference profiles and (n,) local decay B (Å²). Windows
-        whose fit failed (non-positive profile) get a zero reference.
+        (n, n_bins) reference profiles and (n,) local decay B (Å², NaN where
+        the fit had fewer than 2 usable bins: those windows keep their own
+        profile, times the Wiener factor).
     """
-    P = np.asarray(profiles, dtype=np.float64)
+    P = np.atleast_2d(np.asarray(profiles, dtype=np.float64))
     f = np.asarray(frequency, dtype=np.float64)
     T = expected_amplitude(f, composition=composition)
-    B, lnA = guinier_fit(P, f, d_max=wilson_cutoff, d_min=resolution, theory=T)
+    if noise is not None:
+        N2 = np.asarray(noise, dtype=np.float64)[None, :] ** 2
+        S2 = P * P - N2
+        # fit only the shells where the window clearly has signal (SNR > 1)
+        B, lnA = guinier_fit(np.sqrt(np.maximum(S2, 0.0)), f, d_max=wilson_cutoff, d_min=resolution, theory=T,
+                             valid=S2 > N2)
+    else:
+        N2 = None
+        B, lnA = guinier_fit(P, f, d_max=wilson_cutoff, d_min=resolution, theory=T)
     ok = np.isfinite(B)
+    la = np.where(ok, lnA, 0.0)
     Bs = np.where(ok, B, 0.0)
-    la = np.where(ok, lnA, -np.inf)
-    target = np.exp(la[:, None] + np.log(T)[None, :] - float(target_bfactor) * f[None, :] ** 2 / 4.0)
+    lnT = np.log(T)[None, :]
+    target = np.exp(la[:, None] + lnT - float(target_bfactor) * f[None, :] ** 2 / 4.0)
+    if N2 is not None:
+        # Wiener factor from the fitted (smooth) signal model, not the noisy per-shell difference
+        sig2 = np.exp(2.0 * (la[:, None] + lnT - Bs[:, None] * f[None, :] ** 2 / 4.0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            snr = np.where(N2 > 0, sig2 / np.where(N2 > 0, N2, 1.0), np.inf)
+        W = np.where(np.isfinite(snr), snr / (1.0 + snr), 1.0)
+    else:
+        W = np.ones_like(P)
+    target = np.where(ok[:, None], target * W, P)
     ref = merge_profiles(P, target, f, d_cut=wilson_cutoff, smooth=smooth_low)
     ref = merge_profiles(ref, np.zeros_like(ref), f, d_cut=resolution, smooth=smooth_high)
-    ref = np.where(ok[:, None], ref, 0.0)
     return ref, np.where(ok, B, np.nan)
 
 
@@ -633,17 +678,44 @@ def band_centres(wn: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
     return np.arange(int(np.min(w)) // 2 + 1) / L
 
 
+def band_norms(wn: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
+    """Per-band normalisation of the fast mode: ``Σ_s L_b(|s|)² / N`` over one window's DFT grid.
+
+    A window's band energy ``mean(band_b²)`` divided by it is the mean
+    ``|F|²`` (``norm="ortho"``) of the window's coefficients in band ``b``, so
+    ``sqrt(E_b / norm_b)`` is on the scale of the exact mode's profiles.
+    """
+    w = tuple(int(n) for n in np.broadcast_to(np.asarray(wn), (3,)))
+    v = tuple(float(x) for x in np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,)))
+    centres = band_centres(w, v)
+    kz = np.fft.fftfreq(w[0], d=v[0])[:, None, None]
+    ky = np.fft.fftfreq(w[1], d=v[1])[None, :, None]
+    kx = np.fft.fftfreq(w[2], d=v[2])[None, None, :]
+    srad = np.sqrt(kz * kz + ky * ky + kx * kx)
+    n = float(np.prod(w))
+    return np.array([np.sum(hat_multiplier(srad, centres, b) ** 2) / n for b in range(len(centres))])
+
+
 def hat_multiplier(s: np.ndarray, centres: np.ndarray, band: int) -> np.ndarray:
-    """Linear-interpolation hat of ``band`` on ``centres`` at ``|s|`` (clamped ends; hats sum to 1)."""
-    e = np.zeros(len(centres))
-    e[band] = 1.0
-    return np.interp(s, centres, e)
+    """Linear-interpolation hat of ``band`` on equally spaced ``centres`` (``b·Δ``) at ``|s|``.
+
+    ``max(0, 1 - |s/Δ - b|)``, with the last band held at 1 beyond its centre
+    (clamped ends, as ``numpy.interp``); the hats sum to 1 everywhere.
+    """
+    n = len(centres)
+    step = float(centres[1] - centres[0]) if n > 1 else 1.0
+    t = np.asarray(s, dtype=np.float64) / step - band
+    out = np.clip(1.0 - np.abs(t), 0.0, 1.0)
+    if band == n - 1:
+        out = np.where(t > 0, 1.0, out)
+    return out
 
 
 def fast_block(
     *bands: np.ndarray,
     n_bins: int,
     wn: Sequence[int],
+    voxel_size: Sequence[float],
     frequency: np.ndarray,
     mask_threshold: float = 0.5,
     model_free: dict | None = None,
@@ -662,6 +734,8 @@ def fast_block(
         Window edge in voxels (z, y, x), even: local band energies are
         ``mean(band²)`` over the same cube ``[p - wn/2, p + wn/2)`` as the
         exact mode's window.
+    voxel_size
+        Å (z, y, x).
     frequency
         (n_bins,) band centre frequencies, 1/Å.
     mask_threshold
@@ -674,7 +748,10 @@ def fast_block(
     Returns
     -------
     ndarray
-        float32 ``Σ_b sqrt(E_ref,b / E_em,b) · band_em,b`` at processed voxels.
+        float32 ``Σ_b k_b · band_em,b`` at processed voxels, with
+        ``k_b = P_ref,b / P_em,b`` and ``P_b = sqrt(E_b / norm_b)``
+        (:func:`band_norms`; ``P_ref`` from :func:`model_free_reference` in
+        model-free mode).
     """
     wn_t = tuple(int(n) for n in np.broadcast_to(np.asarray(wn), (3,)))
     nref = 0 if model_free is not None else n_bins
@@ -685,24 +762,32 @@ def fast_block(
     sel = _selected(mask, wn_t, mask_threshold)
     if not sel.any():
         return out
-    idx = np.nonzero(sel)
+    # work on the bounding box of the selected voxels plus half a window
+    zc, yc, xc = np.nonzero(sel)
+    box = tuple(
+        slice(max(0, int(c.min()) - w // 2), min(n, int(c.max()) + w // 2 + 1))
+        for c, w, n in zip((zc, yc, xc), wn_t, sel.shape)
+    )
+    idx_box = (zc - box[0].start, yc - box[1].start, xc - box[2].start)
+    idx = (zc, yc, xc)
     # even-size uniform filter: output i averages input[i - w//2 : i + w//2], the exact window
-    em_e = np.empty((len(idx[0]), n_bins), dtype=np.float64)
+    em_e = np.empty((len(zc), n_bins), dtype=np.float64)
     ref_e = np.empty_like(em_e) if nref else None
+    em_b = np.empty((len(zc), n_bins), dtype=np.float64)
     for b in range(n_bins):
-        band = np.asarray(bands[b], dtype=np.float32)
-        em_e[:, b] = ndi.uniform_filter(band * band, size=wn_t, mode="constant")[idx]
+        band = np.asarray(bands[b][box], dtype=np.float32)
+        em_b[:, b] = band[idx_box]
+        em_e[:, b] = ndi.uniform_filter(band * band, size=wn_t, mode="constant")[idx_box]
         if nref:
-            rb = np.asarray(bands[n_bins + b], dtype=np.float32)
-            ref_e[:, b] = ndi.uniform_filter(rb * rb, size=wn_t, mode="constant")[idx]  # type: ignore[index]
-    pe = np.sqrt(np.maximum(em_e, 0.0))
+            rb = np.asarray(bands[n_bins + b][box], dtype=np.float32)
+            ref_e[:, b] = ndi.uniform_filter(rb * rb, size=wn_t, mode="constant")[idx_box]  # type: ignore[index]
+    norms = band_norms(wn_t, voxel_size)[None, :]
+    pe = np.sqrt(np.maximum(em_e, 0.0) / norms)
     if nref:
-        pr = np.sqrt(np.maximum(ref_e, 0.0))  # type: ignore[arg-type]
+        pr = np.sqrt(np.maximum(ref_e, 0.0) / norms)  # type: ignore[operator]
     else:
         pr, _ = model_free_reference(pe, frequency, **(model_free or {}))
     k = scale_factors(pe, pr)
-    acc = np.zeros(len(idx[0]), dtype=np.float64)
-    for b in range(n_bins):
-        acc += k[:, b] * np.asarray(bands[b])[idx]
+    acc = np.sum(k * em_b, axis=1)
     out[idx] = acc.astype(np.float32)
     return out
