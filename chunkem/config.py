@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "fft-gather-limit": 1_500_000_000,
     # bytes per z-slab / z-pencil chunk in the slab FFT decomposition
     "fft-slab-bytes": 64 * 2**20,
+    # bytes of spectrum a pointwise Fourier kernel / shell sum handles at once
+    "fft-kernel-bytes": 16 * 2**20,
     # compute backend: "auto" | "threads" | "local" | "slurm"
     "cluster": "auto",
     # address of an existing scheduler (overrides "cluster")

@@ -46,9 +46,9 @@ def main(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.map)
     t0 = time.perf_counter()
     vol = open_map(args.map, chunks=args.chunks)
-    binned = bin_volume(vol, factor=args.factor, method=args.method, strategy=args.fft_strategy)
-    levels = pyramid(binned, levels=args.levels, method="mean")
     with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
+        binned = bin_volume(vol, factor=args.factor, method=args.method, strategy=args.fft_strategy)
+        levels = pyramid(binned, levels=args.levels, method="mean")
         print(f"chunkem bin: {args.map} {tuple(vol.shape)} -> {tuple(binned.shape)} on {session.describe()}")
         save(levels[0], out, levels=levels[1:] or None, progress=not args.no_progress)
         session_info = session.to_dict()

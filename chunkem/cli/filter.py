@@ -73,17 +73,18 @@ def main(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.map)
     t0 = time.perf_counter()
     vol = open_map(args.map, chunks=args.chunks)
-    result = vol
-    steps = []
-    if any(v is not None for v in fp.values()):
-        result = filter_volume(result, **fp, bfactor_convention=args.bfactor_convention, edge=args.edge,
-                               width=args.width, strategy=args.fft_strategy)
-        steps.append({"fourier": {k: v for k, v in fp.items() if v is not None},
-                      "edge": args.edge, "width_per_A": args.width, "bfactor_convention": args.bfactor_convention})
-    if args.gaussian is not None:
-        result = gaussian_smooth(result, sigma=args.gaussian)
-        steps.append({"gaussian_sigma_A": args.gaussian})
     with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
+        # the graph is built inside the session: the FFT strategy depends on the workers' memory
+        result = vol
+        steps = []
+        if any(v is not None for v in fp.values()):
+            result = filter_volume(result, **fp, bfactor_convention=args.bfactor_convention, edge=args.edge,
+                                   width=args.width, strategy=args.fft_strategy)
+            steps.append({"fourier": {k: v for k, v in fp.items() if v is not None}, "edge": args.edge,
+                          "width_per_A": args.width, "bfactor_convention": args.bfactor_convention})
+        if args.gaussian is not None:
+            result = gaussian_smooth(result, sigma=args.gaussian)
+            steps.append({"gaussian_sigma_A": args.gaussian})
         print(f"chunkem filter: {args.map} {tuple(vol.shape)} on {session.describe()}")
         save(result, out, progress=not args.no_progress)
         session_info = session.to_dict()

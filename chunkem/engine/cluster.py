@@ -243,9 +243,10 @@ def active_client():
 
 @contextlib.contextmanager
 def _client_session(kind: str, client, cluster=None, info=None) -> Iterator[Session]:
+    # the Client was made with set_as_default=True: dask.compute uses it. (Do not put the
+    # Client object itself into dask.config: nannies pickle the config into restarted workers.)
     try:
-        with dask.config.set(scheduler=client):
-            yield Session(kind, client, cluster, dict(info or {}))
+        yield Session(kind, client, cluster, dict(info or {}))
     finally:
         with contextlib.suppress(Exception):
             client.close(timeout=10)
@@ -324,8 +325,7 @@ def compute_session(
     if not explicit_kind or kind == "auto":
         existing = active_client()
         if existing is not None:
-            with dask.config.set(scheduler=existing):
-                yield Session("existing", existing)
+            yield Session("existing", existing)
             return
 
     if kind == "auto":

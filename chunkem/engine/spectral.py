@@ -17,7 +17,10 @@ Strategies (``rfft(vol, strategy=...)``)
     chunks; :func:`irfft` runs the same steps in reverse.
 ``"auto"`` (default)
     ``gather`` when 3x the complex spectrum fits under the
-    ``chunkem.fft-gather-limit`` setting (bytes), else ``slab``.
+    ``chunkem.fft-gather-limit`` setting (bytes) and, on a distributed
+    cluster, under 40% of the smallest worker memory limit; else ``slab``.
+    The choice is made when the graph is built, so build it inside the
+    compute session.
 
 Frequencies follow ``00_conventions`` §2: ``k_axis = fftfreq(N_axis, d=a_axis)``
 (``rfftfreq`` along x), in cycles/Å. Transforms are unnormalised forward
@@ -55,6 +58,7 @@ __all__ = [
     "shell_sums",
     "radial_profile",
     "choose_strategy",
+    "worker_memory_limit",
 ]
 
 STRATEGIES = ("auto", "gather", "slab")
@@ -136,15 +140,48 @@ def frequencies(shape, voxel_size, *, index=(0, 0, 0), block_shape=None) -> tupl
     return kz[:, None, None], ky[None, :, None], kx[None, None, :]
 
 
+def worker_memory_limit() -> int | None:
+    """Smallest memory limit (bytes) of the active distributed workers, or None.
+
+    None on the threaded scheduler, when no worker has a limit, or when the
+    scheduler cannot be asked.
+    """
+    from .cluster import active_client
+
+    client = active_client()
+    if client is None:
+        return None
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    except TypeError:  # pragma: no cover - older distributed
+        workers = client.scheduler_info()["workers"].values()
+    except Exception:  # pragma: no cover
+        return None
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    limits = [m for m in limits if m > 0]
+    return min(limits) if limits else None
+
+
 def choose_strategy(shape, strategy: str = "auto") -> str:
-    """The FFT strategy ``"gather"`` or ``"slab"`` for a map of ``shape``."""
+    """The FFT strategy ``"gather"`` or ``"slab"`` for a map of ``shape``.
+
+    ``"auto"`` gathers when 3x the complex spectrum fits under the
+    ``chunkem.fft-gather-limit`` setting and, on a distributed cluster, under
+    40% of the smallest worker memory limit (a worker needs ~200 MB for
+    itself); otherwise ``"slab"``.
+    """
     if strategy not in STRATEGIES:
         raise ParameterError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
     if strategy != "auto":
         return strategy
     nz, ny, nx = shape
-    complex_bytes = nz * ny * (nx // 2 + 1) * 8
-    return "gather" if 3 * complex_bytes <= int(config.get("fft-gather-limit")) else "slab"
+    need = 3 * nz * ny * (nx // 2 + 1) * 8
+    if need > int(config.get("fft-gather-limit")):
+        return "slab"
+    mem = worker_memory_limit()
+    if mem is not None and need > 0.4 * mem:
+        return "slab"
+    return "gather"
 
 
 # --- block functions (module level: picklable for distributed workers) ------
@@ -174,13 +211,35 @@ def _ifft_z_block(f: np.ndarray) -> np.ndarray:
     return scipy.fft.ifft(np.asarray(f, dtype=np.complex64), axis=0).astype(np.complex64, copy=False)
 
 
-def _pencil_chunks(nz: int, ny: int, nxh: int) -> tuple[int, int, int]:
-    """Chunks (nz, cy, cx) of z-pencils holding about ``fft-slab-bytes`` each."""
+def _slab_bytes() -> int:
+    """Bytes per slab / pencil: the ``chunkem.fft-slab-bytes`` setting, at most 1/16
+    of the smallest worker memory limit on a distributed cluster."""
     target = int(config.get("fft-slab-bytes", 64 * 2**20))
+    mem = worker_memory_limit()
+    if mem is not None:
+        target = min(target, mem // 16)
+    return max(1, target)
+
+
+def _balanced(n: int, size: int) -> int:
+    """Chunk size <= ``size`` splitting ``n`` into equal-as-possible pieces."""
+    size = max(1, min(n, size))
+    k = -(-n // size)
+    return -(-n // k)
+
+
+def _pencil_chunks(nz: int, ny: int, nxh: int, target: int | None = None) -> tuple[int, int, int]:
+    """Chunks (nz, cy, cx) of z-pencils holding about ``target`` bytes each."""
+    target = _slab_bytes() if target is None else target
     cols = max(1, target // (nz * 8))
     cx = min(nxh, max(1, int(np.sqrt(cols))))
     cy = min(ny, max(1, cols // cx))
-    return (nz, cy, cx)
+    return (nz, _balanced(ny, cy), _balanced(nxh, cx))
+
+
+def _slab_z(nz: int, plane_bytes: int, target: int | None = None) -> int:
+    target = _slab_bytes() if target is None else target
+    return _balanced(nz, slab_depth(plane_bytes, nz, target_bytes=target))
 
 
 def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
@@ -229,11 +288,12 @@ def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
         data = one.map_blocks(_rfftn_block, dtype=np.complex64, chunks=((nz,), (ny,), (nxh,)),
                               meta=np.empty((0, 0, 0), np.complex64))
     else:
-        cz = slab_depth(ny * nxh * 8, nz)
+        target = _slab_bytes()
+        cz = _slab_z(nz, ny * nxh * 8, target)
         slabs = x.rechunk((cz, ny, nx))
         half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
                                 meta=np.empty((0, 0, 0), np.complex64))
-        pencils = half.rechunk(_pencil_chunks(nz, ny, nxh))
+        pencils = half.rechunk(_pencil_chunks(nz, ny, nxh, target))
         data = pencils.map_blocks(_fft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
     return Spectrum(data, shape, vs, org, vol.name, chunks, attrs)
 
@@ -277,7 +337,7 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
     else:
         pencils = x.rechunk({0: nz}) if len(x.chunks[0]) > 1 else x
         zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
-        cz = slab_depth(ny * nxh * 8, nz)
+        cz = _slab_z(nz, ny * nxh * 8)
         slabs = zinv.rechunk((cz, ny, nxh))
         real = slabs.map_blocks(_irfft2_block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
                                 meta=np.empty((0, 0, 0), np.float32))
@@ -329,17 +389,40 @@ class _BlockApply:
         return _call_kernel(self.kernel, blocks, self.shape, self.vs, index, self.with_index, self.kwargs)
 
 
+def _z_pieces(block_shape, itemsize: int = 8):
+    """z-ranges splitting a block into pieces of about ``chunkem.fft-kernel-bytes``.
+
+    Pointwise kernels and shell sums run piece by piece so that their float64
+    temporaries stay small even on a gathered (single-chunk) spectrum.
+    """
+    target = int(config.get("fft-kernel-bytes", 16 * 2**20))
+    nz = int(block_shape[0])
+    plane = max(1, int(np.prod(block_shape[1:])) * itemsize)
+    step = max(1, min(nz, target // plane))
+    return [(z0, min(nz, z0 + step)) for z0 in range(0, nz, step)] or [(0, 0)]
+
+
 def _call_kernel(kernel, blocks, shape, vs, index, with_index, kwargs) -> np.ndarray:
-    kz, ky, kx = frequencies(shape, vs, index=index, block_shape=blocks[0].shape)
-    kw = dict(kwargs)
-    if with_index:
-        nz, ny, nx = shape
-        kw["index"] = tuple(int(i) for i in index)
-        kw["fshape"] = (nz, ny, nx // 2 + 1)
-    out = np.asarray(kernel(*blocks, kz=kz, ky=ky, kx=kx, **kw))
-    if out.shape != blocks[0].shape:
-        raise GeometryError(f"Fourier kernel returned shape {out.shape} for a block of shape {blocks[0].shape}")
-    return out.astype(np.complex64, copy=False)
+    bshape = blocks[0].shape
+    out = None
+    for z0, z1 in _z_pieces(bshape):
+        sub = [b[z0:z1] for b in blocks]
+        sub_index = (index[0] + z0, index[1], index[2])
+        kz, ky, kx = frequencies(shape, vs, index=sub_index, block_shape=sub[0].shape)
+        kw = dict(kwargs)
+        if with_index:
+            nz, ny, nx = shape
+            kw["index"] = tuple(int(i) for i in sub_index)
+            kw["fshape"] = (nz, ny, nx // 2 + 1)
+        res = np.asarray(kernel(*sub, kz=kz, ky=ky, kx=kx, **kw))
+        if res.shape != sub[0].shape:
+            raise GeometryError(f"Fourier kernel returned shape {res.shape} for a block of shape {sub[0].shape}")
+        if z0 == 0 and z1 == bshape[0]:
+            return res.astype(np.complex64, copy=False)
+        if out is None:
+            out = np.empty(bshape, dtype=np.complex64)
+        out[z0:z1] = res
+    return out
 
 
 def _starts(chunks) -> tuple[tuple[int, ...], ...]:
@@ -522,6 +605,15 @@ class ShellSums:
 
 
 def _block_shell_sums(f1, f2, *, shape, vs, index, hermitian, nshell, two) -> np.ndarray:
+    out = np.zeros((6, nshell), dtype=np.float64)
+    for z0, z1 in _z_pieces(f1.shape, itemsize=16):
+        out += _piece_shell_sums(f1[z0:z1], None if f2 is None else f2[z0:z1], shape=shape, vs=vs,
+                                 index=(index[0] + z0, index[1], index[2]), hermitian=hermitian,
+                                 nshell=nshell, two=two)
+    return out
+
+
+def _piece_shell_sums(f1, f2, *, shape, vs, index, hermitian, nshell, two) -> np.ndarray:
     kz, ky, kx = frequencies(shape, vs, index=index, block_shape=f1.shape)
     idx = shell_index(kz, ky, kx, shape=shape, voxel_size=vs)
     idx = np.broadcast_to(idx, f1.shape).ravel()

@@ -15,8 +15,8 @@ from chunkem.volume import make_volume
 
 from .strategies import chunked, in_memory, raise_if_computes, volume_cases
 
-# small slabs and pencils so that the slab path really splits tiny test maps
-SMALL_SLABS = {"chunkem.fft-slab-bytes": 4096}
+# small slabs, pencils and kernel pieces so that tiny test maps really get split
+SMALL_SLABS = {"chunkem.fft-slab-bytes": 4096, "chunkem.fft-kernel-bytes": 512}
 
 
 def _rel_err(a, b):
