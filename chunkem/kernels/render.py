@@ -398,8 +398,8 @@ class _Evaluator:
             )
             self.step = float(imaging.table_step)
             self.nr = r.size
-            self.coef = _hermite_cells(p, pr, self.step)
-            self.coef_b = _hermite_cells(pB, pBr, self.step) if derivs else None
+            self.coef = _hermite_columns(p, pr, self.step)
+            self.coef_b = _hermite_columns(pB, pBr, self.step) if derivs else None
 
     def values(self, pts: _Points) -> np.ndarray:
         """Density at the points, occupancy included."""
@@ -524,18 +524,25 @@ class _Evaluator:
         j = np.minimum(x.astype(np.int64), self.nr - 2)
         t = x - j
         cell = pts.aid * (self.nr - 1) + j
-        c = self.coef[cell]  # (P, 4) cubic coefficients of the cell
-        c0, c1, c2, c3 = c[:, 0], c[:, 1], c[:, 2], c[:, 3]
+        c0, c1, c2, c3 = (col.take(cell) for col in self.coef)  # cubic coefficients of the cell
         v = c0 + t * (c1 + t * (c2 + t * c3))
         if not derivs:
             return v, None, None
         dv_dr = (c1 + t * (2.0 * c2 + 3.0 * t * c3)) * (1.0 / self.step)
-        cb = self.coef_b[cell]
-        dB = cb[:, 0] + t * (cb[:, 1] + t * (cb[:, 2] + t * cb[:, 3]))
+        b0, b1, b2, b3 = (col.take(cell) for col in self.coef_b)
+        dB = b0 + t * (b1 + t * (b2 + t * b3))
         with np.errstate(divide="ignore", invalid="ignore"):
             g = np.where(r > 0, -dv_dr / r, 0.0)  # dv/d atom = dv/dr * dr/d atom = dv/dr * (-disp/r)
         dpos = pts.disp * g[:, None]
         return v, dpos, dB
+
+
+def _hermite_columns(p: np.ndarray, pr: np.ndarray, step: float) -> tuple[np.ndarray, ...]:
+    """The four coefficient columns of :func:`_hermite_cells`, each contiguous (fast 1-D ``take``)."""
+    p0, p1 = p[:, :-1], p[:, 1:]
+    m0, m1 = pr[:, :-1] * step, pr[:, 1:] * step
+    return (np.ascontiguousarray(p0).ravel(), np.ascontiguousarray(m0).ravel(),
+            (3.0 * (p1 - p0) - 2.0 * m0 - m1).ravel(), (2.0 * (p0 - p1) + m0 + m1).ravel())
 
 
 def _hermite_cells(p: np.ndarray, pr: np.ndarray, step: float) -> np.ndarray:
@@ -744,16 +751,21 @@ class PreparedBlock:
     def _values(self, atoms: AtomSet, derivs: bool):
         im = self.imaging
         if im.method == "finite":
-            _, p, pr, pB, pBr = radial_tables(atoms.ff.a, atoms.ff.b, atoms.b_iso, im.limit,
-                                               r_max=(self.nr - 2.5) * self.step, step=self.step)
+            cached = getattr(self, "_tables", None)
+            if cached is not None and np.array_equal(cached[0], atoms.b_iso):  # same atoms by contract
+                p, pr, pB, pBr = cached[2]
+            else:
+                _, p, pr, pB, pBr = radial_tables(atoms.ff.a, atoms.ff.b, atoms.b_iso, im.limit,
+                                                   r_max=(self.nr - 2.5) * self.step, step=self.step)
+                self._tables = (atoms.b_iso.copy(), atoms.ff, (p, pr, pB, pBr))
             assert p.shape[1] == self.nr, (p.shape, self.nr)
-            c = _hermite_cells(p, pr, self.step)[self.cell]
             t = self.t
-            v = c[:, 0] + t * (c[:, 1] + t * (c[:, 2] + t * c[:, 3]))
+            c0, c1, c2, c3 = (col.take(self.cell) for col in _hermite_columns(p, pr, self.step))
+            v = c0 + t * (c1 + t * (c2 + t * c3))
             if not derivs:
                 return v, None
-            cb = _hermite_cells(pB, pBr, self.step)[self.cell]
-            return v, cb[:, 0] + t * (cb[:, 1] + t * (cb[:, 2] + t * cb[:, 3]))
+            c0, c1, c2, c3 = (col.take(self.cell) for col in _hermite_columns(pB, pBr, self.step))
+            return v, c0 + t * (c1 + t * (c2 + t * c3))
         amp, cc, beta = _iso_params(atoms, im.blur)
         v = np.zeros(self.flat.size)
         dB = np.zeros(self.flat.size) if derivs else None

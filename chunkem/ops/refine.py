@@ -186,7 +186,7 @@ class ADPProblem:
         self.n_mask = int(mask.sum())
         if self.n_mask == 0:
             raise GeometryError("no map voxel lies within the selection radius of an atom (model outside the map?)")
-        self.threads = max(1, int(threads)) if threads else min(4, os.cpu_count() or 1)
+        self.threads = max(1, int(threads)) if threads else 1
 
     def _map(self, fn, items):
         if self.threads > 1 and len(items) > 1:
@@ -310,7 +310,7 @@ def refine_adp(
     target: str | None = None,
     scale: float | str = "auto",
     offset: float = 0.0,
-    restraint_weight: float = 1.0,
+    restraint_weight: float = 0.01,
     bounds: dict[str, tuple[float, float]] | None = None,
     max_iter: int = 50,
     mask_radius: float | None = None,
@@ -356,7 +356,8 @@ def refine_adp(
     tile
         Tile edge (voxels) of the region.
     threads
-        Tiles evaluated in parallel threads (default up to 4).
+        Tiles evaluated in parallel threads (default 1: the kernels are
+        dominated by numpy gathers that hold the GIL, threads rarely help).
 
     Returns
     -------
