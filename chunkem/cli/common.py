@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -38,8 +39,13 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+@contextlib.contextmanager
 def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None):
-    """Context manager: the compute session the flags ask for (see engine.cluster)."""
+    """Context manager: the compute session the flags ask for (see engine.cluster).
+
+    ``--chunks`` and ``--no-progress`` are applied as chunkem config values
+    for the duration of the session only.
+    """
     import dask.config
 
     from ..engine.cluster import compute_session as _session
@@ -49,8 +55,7 @@ def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None)
         overrides["chunkem.chunks"] = int(args.chunks)
     if getattr(args, "no_progress", False):
         overrides["chunkem.progress"] = False
-    dask.config.set(overrides)
-    return _session(
+    with dask.config.set(overrides), _session(
         scheduler=getattr(args, "scheduler", None),
         cluster=getattr(args, "cluster", None),
         workers=getattr(args, "workers", None),
@@ -58,7 +63,8 @@ def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None)
         memory_limit=getattr(args, "memory_limit", None),
         cluster_config=getattr(args, "cluster_config", None),
         nbytes_hint=nbytes_hint,
-    )
+    ) as session:
+        yield session
 
 
 def _jsonable(obj: Any) -> Any:
