@@ -380,9 +380,11 @@ def demo_stage(ctx: dict[str, Any]) -> dict[str, Any]:
     t_render = time.perf_counter() - t0
     cc_truth = cc_from_sums(cc_sums(mm_nyq.values, truth.values))
     cc_full = cc_from_sums(cc_sums(mm.values, full.values))
+    peak = float(np.abs(truth.values).max())
     summary: dict[str, Any] = {
         "render_s": round(t_render, 3),
-        "cc_modelmap_vs_truth": round(float(cc_truth), 5),
+        "cc_modelmap_vs_truth": round(float(cc_truth), 8),
+        "max_abs_diff_vs_truth_rel": float(np.abs(mm_nyq.values - truth.values).max() / peak) if peak else None,
         "cc_modelmap_vs_fullmap": round(float(cc_full), 5),
         "resolution": res,
     }
