@@ -16,6 +16,7 @@ from .io.model import Model, open_model, save_model
 from .ops.fsc import FSCResult, fsc
 from .ops.postprocess import PostprocessResult, postprocess
 from .ops.sharpen import AutoSharpenResult, auto_sharpen, sharpen
+from .ops.locres import LocalResolutionResult, local_filter, local_resolution
 
 __all__ = [
     "__version__",
@@ -34,4 +35,7 @@ __all__ = [
     "sharpen",
     "auto_sharpen",
     "AutoSharpenResult",
+    "local_resolution",
+    "local_filter",
+    "LocalResolutionResult",
 ]
