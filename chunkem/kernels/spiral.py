@@ -50,6 +50,8 @@ __all__ = [
     "full_grid_radii",
     "band_norms",
     "band_multiplier",
+    "band_filter",
+    "quadrature_filter",
     "band_component",
     "QUADRATURES",
     "quadrature_components",
@@ -169,9 +171,18 @@ def band_norms(radii: np.ndarray, counts: np.ndarray, *, centre: float, sigma: f
 
 def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: float, sigma: float,
                     dc_sigma: float, scale: float = 1.0) -> np.ndarray:
-    """Real band multiplier ``scale · H(|k|)`` on broadcastable frequency arrays (1/Å)."""
+    """Real band multiplier ``scale · H(|k|)`` on broadcastable frequency arrays (1/Å), float32."""
+    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
     s = np.sqrt(kz * kz + ky * ky + kx * kx)
-    return (scale * band_profile(s, centre=centre, sigma=sigma, dc_sigma=dc_sigma)).astype(np.float32)
+    g = s - np.float32(centre)
+    g *= g
+    g *= np.float32(-1.0 / (2.0 * sigma**2))
+    h = np.exp(g)
+    d = s * s
+    d *= np.float32(-1.0 / (2.0 * dc_sigma**2))
+    h *= -np.expm1(d)
+    h *= np.float32(scale)
+    return h
 
 
 def quadrature_components(quadrature: str) -> tuple[str, ...]:
@@ -185,12 +196,14 @@ def quadrature_components(quadrature: str) -> tuple[str, ...]:
 
 def _odd_factor(component: str, kz, ky, kx) -> np.ndarray:
     """Real odd multiplier ``T(k)`` whose ``-i T`` gives a real quadrature component."""
+    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
     if component in ("z", "y", "x"):
-        s = np.sqrt(kz * kz + ky * ky + kx * kx)
-        k = {"z": kz, "y": ky, "x": kx}[component]
+        inv = kz * kz + ky * ky + kx * kx
+        np.sqrt(inv, out=inv)
         with np.errstate(invalid="ignore", divide="ignore"):
-            t = np.where(s > 0, k / np.where(s > 0, s, 1.0), 0.0)
-        return t
+            np.divide(np.float32(1), inv, out=inv, where=inv > 0)  # k = 0 stays 0
+        inv *= {"z": kz, "y": ky, "x": kx}[component]
+        return inv
     # eco (reference, eco=true): S = (k_u + i k_v + k_w) / |...| with u, v, w the MATLAB
     # column, row and slice axes of a map read as map(x, y, z): u = y, v = x, w = z.
     re = ky + kz
@@ -205,24 +218,45 @@ def _odd_factor(component: str, kz, ky, kx) -> np.ndarray:
     raise ValueError(f"unknown band component {component!r}")
 
 
+def band_filter(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, centre: float, sigma: float,
+                dc_sigma: float, scale: float) -> np.ndarray:
+    """``F · scale · H(|k|)`` on a block of the rfft half-space (its inverse is the band-passed map)."""
+    h = band_multiplier(kz, ky, kx, centre=centre, sigma=sigma, dc_sigma=dc_sigma, scale=scale)
+    return (F * h).astype(np.complex64, copy=False)
+
+
+def quadrature_filter(FH: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, component: str
+                      ) -> np.ndarray:
+    """One quadrature component ``FH · (-i T(k))`` of a band-passed spectrum ``FH``.
+
+    ``component`` ``"z" | "y" | "x"``: Riesz ``T = k_axis/|k|`` (k = 0 → 0);
+    ``"eco_r" | "eco_i"``: real and imaginary parts of the reference's scalar
+    spiral filter ``S`` (``|ifft(F H S)| = sqrt(r² + i²)`` of the two real
+    inverses). Every multiplier is Hermitian-compatible, so each inverse is a
+    real map (``irfft``).
+    """
+    t = _odd_factor(component, kz, ky, kx).astype(np.float32, copy=False)
+    fh = np.asarray(FH, dtype=np.complex64)
+    out = np.empty(np.broadcast_shapes(fh.shape, t.shape), dtype=np.complex64)
+    # -i·T·(a + ib) = T·b - i·T·a
+    out.real = fh.imag * t
+    out.imag = fh.real * t
+    np.negative(out.imag, out=out.imag)
+    return out
+
+
 def band_component(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, centre: float,
                    sigma: float, dc_sigma: float, scale: float, component: str) -> np.ndarray:
     """One Fourier-space component of a band on a block of the rfft half-space.
 
-    ``component="c"``: ``F·H`` (its inverse is the band-passed map ``c``);
-    ``"z" | "y" | "x"``: Riesz components ``F·H·(-i k_axis/|k|)`` (k = 0 → 0);
-    ``"eco_r" | "eco_i"``: the real and imaginary parts ``-i·Re S`` and
-    ``-i·Im S`` of the reference's scalar spiral filter ``S`` (``|ifft(F H S)|
-    = sqrt(r² + i²)`` of the two real inverses).
-
-    Every multiplier is Hermitian-compatible, so each inverse is a real map
-    (``irfft``). ``scale`` is the band normalisation (1/ΣH or 1/sqrt(ΣH²)).
+    ``component="c"``: :func:`band_filter` (``F·H``); any other: the
+    :func:`quadrature_filter` of ``F·H``. ``scale`` is the band
+    normalisation (1/ΣH or 1/sqrt(ΣH²)).
     """
-    h = band_multiplier(kz, ky, kx, centre=centre, sigma=sigma, dc_sigma=dc_sigma, scale=scale)
+    fh = band_filter(F, kz=kz, ky=ky, kx=kx, centre=centre, sigma=sigma, dc_sigma=dc_sigma, scale=scale)
     if component == "c":
-        return F * h
-    t = _odd_factor(component, kz, ky, kx).astype(np.float32)
-    return F * (h * t) * np.complex64(-1j)
+        return fh
+    return quadrature_filter(fh, kz=kz, ky=ky, kx=kx, component=component)
 
 
 def local_amplitude(c: np.ndarray, *quadrature: np.ndarray) -> np.ndarray:
@@ -234,11 +268,23 @@ def local_amplitude(c: np.ndarray, *quadrature: np.ndarray) -> np.ndarray:
 
 
 def quantile(values: np.ndarray, level: float, *, method: str = "hazen") -> float:
-    """``level``-quantile of ``values``; ``"hazen"`` matches MATLAB's ``quantile``."""
+    """``level``-quantile of ``values``; ``"hazen"`` matches MATLAB's ``quantile``.
+
+    ``"hazen"`` is computed by partial sorting (two order statistics, no
+    float64 copy); other methods go through :func:`numpy.quantile`.
+    """
     v = np.asarray(values).ravel()
     if v.size == 0:
         raise ValueError("no values to take a quantile of")
-    return float(np.quantile(v.astype(np.float64), float(level), method=method))
+    if method != "hazen":
+        return float(np.quantile(v.astype(np.float64), float(level), method=method))
+    n = v.size
+    pos = min(max(n * float(level) - 0.5, 0.0), n - 1.0)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    part = np.partition(v, [lo, hi]) if hi != lo else np.partition(v, lo)
+    a, b = float(part[lo]), float(part[hi])
+    return a + (pos - lo) * (b - a)
 
 
 # --- per-band accumulator updates --------------------------------------------
@@ -292,25 +338,40 @@ def guinier_update(acc: np.ndarray, m: np.ndarray, *, q: float, x: float, log_sc
     """LocBFactor band update of the least-squares sums ``acc`` (6, ...).
 
     ``y = ln(C·m) + log_scale`` (``log_scale = ln sqrt(N_vox)``, the reference's
-    unitary-FFT scale, plus any normalisation offset), ``x`` = the band's
-    centred ``s²`` (Å⁻²). With ``drop_below_noise`` the point only counts
-    where ``y > ln(q) + log_scale`` (the reference's ``filter=1``).
+    unitary-FFT scale), ``x`` = the band's centred ``s²`` (Å⁻²). With
+    ``drop_below_noise`` the point only counts where ``y > ln(q) + log_scale``
+    (the reference's ``filter=1``). Returns a new array.
     """
-    amp = np.maximum(_snr_weight(m, q, snr_weighting) * m, np.float32(_TINY))
-    y = (np.log(amp) + np.float32(log_scale)).astype(np.float32)
-    if drop_below_noise:
-        w = (y > np.float32(math.log(max(q, _TINY)) + log_scale)).astype(np.float32)
+    m = np.asarray(m, dtype=np.float32)
+    qf = np.float32(q)
+    if snr_weighting:
+        y = m * m
+        y /= m + qf
     else:
-        w = np.ones_like(y)
+        y = m.copy()
+    np.maximum(y, np.float32(_TINY), out=y)
+    np.log(y, out=y)
+    y += np.float32(log_scale)
     xf = np.float32(x)
     out = np.array(acc, dtype=np.float32, copy=True)
-    out[0] += w
-    out[1] += w * xf
-    out[2] += w * (xf * xf)
-    wy = w * y
-    out[3] += wy
-    out[4] += wy * xf
-    out[5] += wy * y
+    if drop_below_noise:
+        w = (y > np.float32(math.log(max(q, _TINY)) + log_scale)).astype(np.float32)
+        out[0] += w
+        out[1] += w * xf
+        out[2] += w * (xf * xf)
+        y *= w
+        out[3] += y
+        out[4] += y * xf
+        y *= y  # (w y)² = w y² for w in {0, 1}
+        out[5] += y
+        return out
+    out[0] += np.float32(1)
+    out[1] += xf
+    out[2] += xf * xf
+    out[3] += y
+    out[4] += y * xf
+    y *= y
+    out[5] += y
     return out
 
 
@@ -324,21 +385,39 @@ def guinier_solve(acc: np.ndarray, *, x_mean: float, min_points: int = 2) -> np.
         4 × slope), ``intercept`` (ln amplitude at s = 0), ``r2`` (coefficient
         of determination of the fit, in [0, 1]) and ``n_points``. NaN where
         fewer than ``min_points`` points were kept or all points share one
-        ``s²``.
+        ``s²``. Solved slab by slab along the first spatial axis (bounded
+        temporaries), in float32 like the sums.
     """
-    a = acc.astype(np.float64)
-    s0, s1, s2, sy, sxy, syy = a
+    acc = np.asarray(acc)
+    out = np.empty((4, *acc.shape[1:]), dtype=np.float32)
+    n0 = acc.shape[1] if acc.ndim > 1 else 1
+    step = max(1, int(2**21 // max(1, int(np.prod(acc.shape[2:])))))
+    for i in range(0, n0, step):
+        out[:, i:i + step] = _solve_slab(acc[:, i:i + step], x_mean=x_mean, min_points=min_points)
+    return out
+
+
+def _solve_slab(acc: np.ndarray, *, x_mean: float, min_points: int) -> np.ndarray:
+    s0, s1, s2, sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
     den = s0 * s2 - s1 * s1
-    ok = (s0 >= min_points) & (den > 1e-12 * np.maximum(s0 * s2, 1e-300))
+    ok = (s0 >= min_points) & (den > np.float32(1e-12) * np.maximum(s0 * s2, np.float32(1e-30)))
+    safe_den = np.where(ok, den, np.float32(1))
+    safe_s0 = np.where(s0 > 0, s0, np.float32(1))
     with np.errstate(invalid="ignore", divide="ignore"):
-        slope = np.where(ok, (s0 * sxy - s1 * sy) / np.where(ok, den, 1.0), np.nan)
-        a_c = np.where(ok, (sy - slope * s1) / np.where(s0 > 0, s0, 1.0), np.nan)
+        slope = (s0 * sxy - s1 * sy) / safe_den
+        a_c = (sy - slope * s1) / safe_s0
         ss_res = syy - a_c * sy - slope * sxy
-        ss_tot = syy - sy * sy / np.where(s0 > 0, s0, 1.0)
-        r2 = np.where(ok & (ss_tot > 0), 1.0 - ss_res / np.where(ss_tot > 0, ss_tot, 1.0), np.nan)
-    r2 = np.clip(r2, 0.0, 1.0)
-    intercept = a_c - slope * x_mean
-    return np.stack([slope, intercept, r2, s0]).astype(np.float32)
+        ss_tot = syy - sy * sy / safe_s0
+        r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, np.float32(1)), np.float32(np.nan))
+    slope = np.where(ok, slope, np.float32(np.nan))
+    a_c = np.where(ok, a_c, np.float32(np.nan))
+    r2 = np.clip(np.where(ok, r2, np.float32(np.nan)), 0, 1)
+    out = np.empty((4, *s0.shape), dtype=np.float32)
+    out[0] = slope
+    out[1] = a_c - slope * np.float32(x_mean)
+    out[2] = r2
+    out[3] = s0
+    return out
 
 
 def occupancy_update(acc: np.ndarray, m: np.ndarray, *, q: float) -> np.ndarray:

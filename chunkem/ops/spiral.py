@@ -16,9 +16,9 @@ Laziness
 --------
 For dask-backed input every op returns dask-backed results and computes
 nothing. The graph is *gated*: band ``j + 1``'s Fourier kernels depend on
-band ``j``'s quantile, so any scheduler runs the bands one after another
-(at most two bands' arrays alive) instead of starting every band's FFTs at
-once. numpy-backed input gives numpy-backed results (computed at the end).
+band ``j``'s finished accumulator update, so any scheduler runs the bands one
+after another (one band's arrays alive at a time) instead of starting every
+band's FFTs at once or fusing all updates into one final task. numpy-backed input gives numpy-backed results (computed at the end).
 
 B-factor sign
 -------------
@@ -377,14 +377,34 @@ def _amplitude_block(c: np.ndarray, *quad: np.ndarray) -> np.ndarray:
 
 
 def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None) -> tuple[da.Array, da.Array]:
-    """Band ``j``: the band-passed map ``c`` and local amplitude ``m`` (lazy)."""
+    """Band ``j``: the band-passed map ``c`` and local amplitude ``m`` (lazy).
+
+    One pointwise filter of the shared spectrum (``F·H_j``), then the
+    quadrature multipliers applied to that, and one inverse FFT each.
+    """
     g = _gate(spec, dep)
-    kw = dict(centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma, scale=float(bank.scales[j]))
-    c = spectral.irfft(spectral.apply(K.band_component, g, component="c", **kw)).data
-    quad = [spectral.irfft(spectral.apply(K.band_component, g, component=comp, **kw)).data
+    fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
+                        scale=float(bank.scales[j]))
+    c = spectral.irfft(fh).data
+    quad = [spectral.irfft(spectral.apply(K.quadrature_filter, fh, component=comp)).data
             for comp in K.quadrature_components(bank.quadrature)]
     m = da.map_blocks(_amplitude_block, c, *quad, dtype=np.float32)
     return c, m
+
+
+def _token_block(a: np.ndarray) -> np.ndarray:
+    return np.zeros((1,) * a.ndim, dtype=np.int8)
+
+
+def _done(acc: da.Array) -> da.Array:
+    """0-d array that exists once every block of ``acc`` is computed.
+
+    Gating the next band on it runs the bands strictly one after another and
+    keeps the accumulator updates from being fused into one final task
+    (which would hold every band's amplitudes until the end).
+    """
+    tok = acc.map_blocks(_token_block, dtype=np.int8, chunks=tuple((1,) * len(c) for c in acc.chunks))
+    return tok.sum()
 
 
 def _zeros(k: int, like_arr: da.Array) -> da.Array:
@@ -658,7 +678,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
             acc = _update(K.bsharpen_update, acc, (c, m), q, band=j, ref_band=ref_band,
                           snr_weighting=snr_weighting)
         noise.append(q)
-        dep = q
+        dep = _done(acc)
     M = _standardise(acc[0], sel, clip=True)
     W = _standardise(acc[1], sel, clip=False)
     vols, extra = _finish({"map": M, "quality": W}, dvol, lazy, {"noise": da.stack(noise)})
@@ -864,7 +884,7 @@ def locbfactor(
         if probe_items:
             idx = tuple(np.array([p[ax] for _, p in probe_items]) for ax in range(3))
             samples.append(m.vindex[idx])
-        dep = q
+        dep = _done(acc)
     sol = da.map_blocks(_guinier_solve_block, acc, x_mean=x_mean, min_points=2, dtype=np.float32,
                         chunks=((4,), *acc.chunks[1:]))
     slope = sol[0]
@@ -1021,7 +1041,7 @@ def lococcupancy(
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_MOL, minimum=0)
         acc = _update(K.occupancy_update, acc, (m,), q)
         qs.append(q)
-        dep = q
+        dep = _done(acc)
     occ = acc[0] / np.float32(bank.n_bands)
     vols, extra = _finish({"occupancy": occ}, dvol, lazy, {"quantiles": da.stack(qs)})
     params = {"op": "lococcupancy", "resolution_range_A": [float(r) for r in resolution_range],
