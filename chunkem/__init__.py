@@ -17,6 +17,9 @@ from .ops.fsc import FSCResult, fsc
 from .ops.postprocess import PostprocessResult, postprocess
 from .ops.sharpen import AutoSharpenResult, auto_sharpen, sharpen
 from .ops.locres import LocalResolutionResult, local_filter, local_resolution
+from .ops.modelmap import model_map
+from .ops.refine import RefineResult, refine_adp
+from .ops.metrics import MapModelMetrics, map_model_metrics
 
 __all__ = [
     "__version__",
@@ -38,4 +41,9 @@ __all__ = [
     "local_resolution",
     "local_filter",
     "LocalResolutionResult",
+    "model_map",
+    "refine_adp",
+    "RefineResult",
+    "map_model_metrics",
+    "MapModelMetrics",
 ]
