@@ -259,8 +259,8 @@ def first_crossing(curves: np.ndarray, frequency: np.ndarray, *, cutoff: float =
 
     Examples
     --------
-    >>> first_crossing(np.array([1, .9, .5, .1, .3]), np.arange(5) / 100.0, cutoff=0.143).round(5)
-    array(0.02893)
+    >>> round(float(first_crossing(np.array([1, .9, .5, .1, .3]), np.arange(5) / 100.0, cutoff=0.143)), 5)
+    0.02892
     """
     c = np.nan_to_num(np.asarray(curves, dtype=np.float64), nan=0.0)
     f = np.asarray(frequency, dtype=np.float64)

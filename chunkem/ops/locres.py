@@ -738,11 +738,11 @@ def local_resolution(
 
     Examples
     --------
-    >>> from chunkem.phantoms import make_phantom  # doctest: +SKIP
-    >>> ph = make_phantom(box=64, voxel_size=1.1, resolution=3.5)  # doctest: +SKIP
-    >>> r = local_resolution(ph.half1, ph.half2, mask=ph.mask)  # doctest: +SKIP
-    >>> round(r.median, 1)  # doctest: +SKIP
-    2.7
+    >>> from chunkem.phantoms import make_phantom
+    >>> ph = make_phantom(box=37, n_residues=40, voxel_size=1.4, resolution=4.5, seed=3)
+    >>> r = local_resolution(ph.half1, ph.half2, mask=ph.mask, window=14.0)
+    >>> r.box, 3.0 < r.median < 4.5
+    ((10, 10, 10), True)
     """
     if method not in _METHODS:
         raise ParameterError(f"method must be one of {', '.join(_METHODS)}, got {method!r}")
