@@ -20,6 +20,8 @@ from .ops.locres import LocalResolutionResult, local_filter, local_resolution
 from .ops.modelmap import model_map
 from .ops.refine import RefineResult, refine_adp
 from .ops.metrics import MapModelMetrics, map_model_metrics
+from .ops.spiral import (LocBFactorResult, OccupancyResult, SpiralResult, auto_mask, locbfactor,
+                          locbsharpen, lococcupancy, locspiral, maturity_index)
 
 __all__ = [
     "__version__",
@@ -46,4 +48,13 @@ __all__ = [
     "RefineResult",
     "map_model_metrics",
     "MapModelMetrics",
+    "locspiral",
+    "locbsharpen",
+    "SpiralResult",
+    "locbfactor",
+    "LocBFactorResult",
+    "lococcupancy",
+    "OccupancyResult",
+    "maturity_index",
+    "auto_mask",
 ]
