@@ -481,7 +481,7 @@ class _Evaluator:
         nb, T, kz, ky = eyz.shape
         box = np.matmul(eyz.transpose(0, 2, 3, 1).reshape(nb, kz * ky, T), ex)  # (nb, Kz*Ky, Kx)
         box = box.reshape(nb, kz, ky, -1)
-        box[~b.keep] = 0.0
+        box *= b.keep
         return box
 
     def box_adjoint(self, b: _Batch, Gbox: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -555,6 +555,21 @@ def _hermite_cells(p: np.ndarray, pr: np.ndarray, step: float) -> np.ndarray:
     m0, m1 = pr[:, :-1] * step, pr[:, 1:] * step
     c = np.stack([p0, m0, 3.0 * (p1 - p0) - 2.0 * m0 - m1, 2.0 * (p0 - p1) + m0 + m1], axis=-1)
     return np.ascontiguousarray(c.reshape(-1, 4))
+
+
+def _paste(out3: np.ndarray, b: _Batch, box: np.ndarray) -> None:
+    """Add each atom's box into the block (boxes clipped at the block edge)."""
+    n = out3.shape
+    lo = np.stack([b.iz[:, 0], b.iy[:, 0], b.ix[:, 0]], axis=1)
+    k = np.array(box.shape[1:])
+    s0 = np.maximum(-lo, 0)
+    s1 = np.minimum(k, np.asarray(n) - lo)
+    d0 = lo + s0
+    d1 = lo + s1
+    ok = np.all(s1 > s0, axis=1)
+    for a, (p0, p1, q0, q1) in enumerate(zip(d0.tolist(), d1.tolist(), s0.tolist(), s1.tolist())):
+        if ok[a]:
+            out3[p0[0]:p1[0], p0[1]:p1[1], p0[2]:p1[2]] += box[a, q0[0]:q1[0], q0[1]:q1[1], q0[2]:q1[2]]
 
 
 def _scatter_add(out: np.ndarray, flat: np.ndarray, weights: np.ndarray) -> None:
@@ -634,8 +649,9 @@ def render_block(
         ev = _Evaluator(atoms, imaging, rad, derivs=False)
         sep, rest = _split_separable(atoms, imaging)
         if sep.size:
+            out3 = out.reshape(shp)
             for b in _iter_batches(shp, offset, vs, atoms.xyz, rad, sep):
-                _scatter_add(out, b.flat_box().ravel(), ev.box_values(b).ravel())
+                _paste(out3, b, ev.box_values(b))
         if rest.size:
             for pts in _iter_points(shp, offset, vs, atoms.xyz, rad, rest):
                 _scatter_add(out, pts.flat, ev.values(pts))
