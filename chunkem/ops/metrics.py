@@ -448,8 +448,7 @@ def _map_model_fsc(vol: xr.DataArray, model: Any, radius: float) -> dict[str, An
     b = make_volume(calc.data * mask.data, voxel_size=vs, origin=org)
     sums = spectral.shell_sums(spectral.rfft(a), spectral.rfft(b))
     curve = np.asarray(sums.fsc(), float)
-    L = spectral._box_length(vol.shape, vs) if hasattr(spectral, "_box_length") else min(
-        n * h for n, h in zip(vol.shape, vs))
+    L = min(n * h for n, h in zip(vol.shape, vs))  # shortest box edge (Å), 00_conventions §2
     out: dict[str, Any] = {
         "frequency": np.asarray(sums.frequency, float).tolist(),
         "resolution": [float(r) if np.isfinite(r) else None for r in np.asarray(sums.resolution, float)],
