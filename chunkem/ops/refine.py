@@ -36,8 +36,6 @@ atoms are refined as isotropic (their U is replaced by ``B_eq``).
 
 from __future__ import annotations
 
-import math
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
