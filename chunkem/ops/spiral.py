@@ -342,8 +342,8 @@ def _gather_quantile(level: float, method: str, what: str, minimum: int, *pairs:
     if v.size == 0:
         raise ParameterError(what)
     if v.size < minimum:
-        warnings.warn(f"only {v.size} voxels in the quantile set (< {minimum}): the band quantiles are unstable",
-                      stacklevel=2)
+        warnings.warn(f"only {v.size} voxels in the noise-reference set (< {minimum}): the band quantiles are "
+                      "unstable (a larger box gives more background)", stacklevel=1)
     return np.float64(K.quantile(v, level, method=method))
 
 
@@ -671,7 +671,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
     for j in range(bank.n_bands):
         c, m = _band(spec, bank, j, dep)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_BG,
-                          minimum=MIN_BACKGROUND_VOXELS)
+                          minimum=MIN_BACKGROUND_VOXELS if j == 0 else 0)
         if mode == "spiral":
             acc = _update(K.spiral_update, acc, (c, m), q, snr_weighting=snr_weighting)
         else:
@@ -877,7 +877,7 @@ def locbfactor(
     for j in range(bank.n_bands):
         c, m = _band(spec, bank, j, dep)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_BG,
-                          minimum=MIN_BACKGROUND_VOXELS)
+                          minimum=MIN_BACKGROUND_VOXELS if j == 0 else 0)
         acc = _update(K.guinier_update, acc, (m,), q, x=float(x[j] - x_mean), log_scale=log_scale,
                       snr_weighting=snr_weighting, drop_below_noise=drop_below_noise)
         noise.append(da.log(q) + log_scale)

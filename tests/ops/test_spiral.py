@@ -15,6 +15,8 @@ import cloudpickle
 import dask
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import spatial
 
 from chunkem.errors import ParameterError
@@ -511,3 +513,25 @@ def test_demo_stage(gradient, tmp_path):
     assert summary["local_b_voxel_corr"] > 0.2
     assert summary["locspiral_cc_truth"] > 0.5
     assert (tmp_path / "spiral" / "locbfactor_b.mrc").exists()
+
+
+@pytest.mark.filterwarnings("ignore:only .* voxels in the noise-reference set")
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=st.tuples(*[st.integers(18, 30)] * 3), vs=st.tuples(*[st.floats(1.0, 1.6)] * 3),
+       chunk=st.tuples(*[st.integers(7, 17)] * 3), seed=st.integers(0, 2**16))
+def test_chunked_equals_in_memory_on_random_boxes(shape, vs, chunk, seed):
+    """Non-cubic boxes, anisotropic voxels, random chunks: chunked == in-memory."""
+    rng = np.random.default_rng(seed)
+    idx = np.indices(shape).astype(float)
+    centre = np.array([n // 2 for n in shape], float)[:, None, None, None]
+    r = np.sqrt((((idx - centre) * np.array(vs)[:, None, None, None]) ** 2).sum(0))
+    L = min(n * a for n, a in zip(shape, vs))
+    inner = r < L / 4
+    vol = make_volume(np.where(inner, 1.0, 0.0) + 0.3 * rng.normal(size=shape), voxel_size=vs)
+    mask = make_volume(inner.astype(np.float32), voxel_size=vs)
+    high = 2.5 * max(vs)
+    kw = dict(resolution_range=(min(L / 2, 4 * high), high), n_bands=3, band_sigma=0.04)
+    ref = S.locbfactor(vol, mask=mask, **kw)
+    ch = dict(zip("zyx", chunk))
+    lazy = S.locbfactor(vol.chunk(ch), mask=mask.chunk(ch), **kw)
+    np.testing.assert_array_equal(lazy.b_factor.values, ref.b_factor.values)
