@@ -44,7 +44,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step", type=int, default=None, help="--mode exact: compute every STEP voxels, interpolate")
     g.add_argument("--pad", type=int, default=1, help="window padding factor (FFT size window × (pad+1))")
     g.add_argument("--band-spacing", type=float, metavar="1/Å", default=None,
-                   help="--mode fast: spacing of the band centres (default 1/(window·(pad+1)))")
+                   help="--mode fast: spacing of the band centres (default 1/window)")
     m = parser.add_argument_group("MonoRes")
     m.add_argument("--max-resolution", type=float, metavar="Å", default=None, help="coarsest resolution tested")
     m.add_argument("--resolution-step", type=float, metavar="Å", default=0.25)

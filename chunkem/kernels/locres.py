@@ -30,7 +30,7 @@ correlation on the block), and the resolution is the first crossing over the
 bands (:func:`resolution_from_bands`). The cost grows with the number of
 bands, not with window volume x voxels. Bands are Gaussian in ``|s|``
 (:func:`gaussian_band`) with the width the exact window effectively has
-(:func:`effective_band_sigma`), centred on the exact mode's shells.
+(:func:`effective_band_sigma`), centred on the window's shells.
 
 MonoRes (monogenic amplitude)
 -----------------------------
