@@ -1,0 +1,163 @@
+"""Local resolution: chunkem (local FSC fast/exact, MonoRes) vs TEMPy on phantoms with known truth.
+
+For each box size a phantom is built (:func:`chunkem.phantoms.make_phantom`:
+B rising 20 → 200 Å² along x, half-map FSC 3.5 Å, known local resolution)
+and written as MRC. Every tool runs as its own process on the same files;
+the table gives the whole-process wall time and the accuracy against the
+phantom's local resolution inside the mask (RMSE, bias, Pearson r).
+
+TEMPy (PyPI ``biotempy``, its own venv, see ``../shared/design/PEERS.md``:
+``pip install numpy scipy biopython gemmi voxcov mrcfile pyfftw matplotlib
+&& pip install --no-deps biotempy``) computes a blocres-like local FSC in a
+sphere of 7 × the global resolution around each requested point
+(``ScoringFunctions.map_local_resolution(protein_mask=...)``, threshold set
+to 0.143 like the truth). It costs a few ms per point, so it runs on every
+``--tempy-stride``-th mask voxel and its time for the whole mask is
+extrapolated (reported beside the measured time).
+
+Usage::
+
+    python benchmarks/locres_bench.py --tempy-python /path/to/venv-tempy/bin/python
+    python benchmarks/locres_bench.py --sizes 128 --tempy-stride 4 --exact-step 4
+
+Prints a table and writes ``locres_bench.json`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TEMPY_SCRIPT = r"""
+import json, sys, time
+import numpy as np
+from TEMPy.maps.map_parser import MapParser
+from TEMPy.protein.scoring_functions import ScoringFunctions
+d, stride, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+h1 = MapParser.readMRC(f"{d}/half1.mrc")
+h2 = MapParser.readMRC(f"{d}/half2.mrc")
+mask = MapParser.readMRC(f"{d}/mask.mrc")
+sub = np.zeros_like(mask.fullMap)
+sub[::stride, ::stride, ::stride] = 1
+mask.fullMap = (mask.fullMap > 0.5) * sub
+t0 = time.time()
+r = ScoringFunctions().map_local_resolution(h1, h2, protein_mask=mask, verbose=False, fsc_threshold=0.143)
+keys = np.array(list(r.keys()), dtype=int)
+vals = np.array(list(r.values()), dtype=float)
+np.savez(out, keys=keys, vals=vals, call_s=time.time() - t0)
+"""
+
+
+def _run(cmd: list[str], env=None) -> tuple[float, subprocess.CompletedProcess]:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        print(p.stdout[-2000:], p.stderr[-2000:], file=sys.stderr)
+        raise RuntimeError(f"{cmd[0]} ... failed with code {p.returncode}")
+    return dt, p
+
+
+def _scores(est: np.ndarray, truth: np.ndarray) -> dict:
+    e = est.astype(np.float64)
+    t = truth.astype(np.float64)
+    ok = np.isfinite(e) & (e > 0)
+    e, t = e[ok], t[ok]
+    edges = np.percentile(t, [100 / 3, 200 / 3])
+    q = np.digitize(t, edges)
+    meds = [float(np.median(e[q == k])) for k in range(3)]
+    return {
+        "n": int(e.size),
+        "rmse_A": float(np.sqrt(np.mean((e - t) ** 2))),
+        "bias_A": float(np.mean(e - t)),
+        "pearson_r": float(np.corrcoef(e, t)[0, 1]) if e.size > 2 else float("nan"),
+        "median_A": float(np.median(e)),
+        "tercile_medians_A": meds,
+        "ranking_ok": bool(meds[0] < meds[1] < meds[2]),
+    }
+
+
+def bench_size(n: int, args, work: Path) -> list[dict]:
+    from chunkem.io import open_map, save
+    from chunkem.phantoms import make_phantom
+
+    t0 = time.perf_counter()
+    residues = args.residues or int(1000 * (n / 128) ** 3 * (1.0 / args.voxel) ** 3)
+    ph = make_phantom(box=n, n_residues=residues, voxel_size=args.voxel, resolution=3.5, b_range=(20.0, 200.0),
+                      seed=0)
+    d = work / f"box{n}"
+    d.mkdir(parents=True, exist_ok=True)
+    for key in ("half1", "half2", "mask"):
+        save(getattr(ph, key), d / f"{key}.mrc", progress=False)
+    print(f"[{n}³] phantom: {residues} residues, {time.perf_counter() - t0:.1f} s; "
+          f"truth {ph.params['local_resolution_range']} Å", flush=True)
+    m = ph.mask.values > 0.5
+    truth = ph.local_resolution.values
+    rows = []
+    chunkem = [sys.executable, "-m", "chunkem.cli.main", "locres", str(d / "half1.mrc"), str(d / "half2.mrc"),
+               "--mask", str(d / "mask.mrc"), "--no-progress"]
+    runs = [("chunkem localfsc fast", ["--mode", "fast"]), ("chunkem monores", ["--method", "monores"])]
+    if args.exact_step:
+        runs.append((f"chunkem localfsc exact step {args.exact_step}",
+                     ["--mode", "exact", "--step", str(args.exact_step)]))
+    for label, extra in runs:
+        out = d / (label.replace(" ", "_") + ".mrc")
+        dt, _ = _run(chunkem + extra + ["-o", str(out)])
+        est = open_map(out).values
+        rows.append({"box": n, "tool": label, "wall_s": round(dt, 2), **_scores(est[m], truth[m])})
+        print(f"[{n}³] {label}: {dt:.1f} s", flush=True)
+    if args.tempy_python:
+        script = work / "tempy_localres.py"
+        script.write_text(TEMPY_SCRIPT)
+        npz = d / "tempy.npz"
+        dt, _ = _run([args.tempy_python, str(script), str(d), str(args.tempy_stride), str(npz)])
+        z = np.load(npz)
+        keys, vals = z["keys"], z["vals"]
+        tru = truth[keys[:, 0], keys[:, 1], keys[:, 2]]
+        n_points = len(vals)
+        full = float(z["call_s"]) * m.sum() / max(n_points, 1) + (dt - float(z["call_s"]))
+        rows.append({"box": n, "tool": f"TEMPy map_local_resolution (every {args.tempy_stride}th voxel)",
+                     "wall_s": round(dt, 2), "points": n_points, "wall_s_all_mask_voxels_extrapolated": round(full, 1),
+                     **_scores(vals, tru)})
+        print(f"[{n}³] TEMPy: {dt:.1f} s for {n_points} points (all {int(m.sum())} mask voxels: ~{full:.0f} s)",
+              flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--voxel", type=float, default=1.0, help="voxel size in Å")
+    ap.add_argument("--residues", type=int, default=None, help="phantom residues (default scales with the box)")
+    ap.add_argument("--tempy-python", default=os.environ.get("TEMPY_PYTHON"),
+                    help="python of a venv with biotempy (skip TEMPy when absent)")
+    ap.add_argument("--tempy-stride", type=int, default=4)
+    ap.add_argument("--exact-step", type=int, default=0, help="also run the exact mode with this --step")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="locres_bench_") as tmp:
+        for n in args.sizes:
+            rows += bench_size(n, args, Path(tmp))
+    print()
+    print(f"{'box':>5} {'tool':<52} {'wall s':>8} {'all-mask s':>10} {'RMSE Å':>7} {'bias Å':>7} {'r':>6} rank")
+    for r in rows:
+        allmask = r.get("wall_s_all_mask_voxels_extrapolated", r["wall_s"])
+        print(f"{r['box']:>5} {r['tool']:<52} {r['wall_s']:>8.1f} {allmask:>10.1f} {r['rmse_A']:>7.3f} "
+              f"{r['bias_A']:>7.3f} {r['pearson_r']:>6.3f} {'ok' if r['ranking_ok'] else 'WRONG'}")
+    out = Path(args.out) / "locres_bench.json"
+    out.write_text(json.dumps({"rows": rows, "cpus": os.cpu_count()}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
