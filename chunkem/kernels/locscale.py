@@ -350,10 +350,22 @@ def _stage_xy(block: np.ndarray, wn: tuple[int, int, int], ny: int, nx: int) -> 
     return scipy.fft.fft(sliding_window_view(a, wy, axis=1)[:, :ny], axis=-1)  # Z, ny, nx, kx, ky
 
 
-def _window_spectra(stage: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray, wz: int) -> np.ndarray:
-    """Full window spectra (n, ncoef) in (mz, mx, my) order, ortho-normalised up to a constant."""
-    g = stage[z[:, None] + np.arange(wz), y[:, None], x[:, None]]  # n, dz, kx, ky
+def _window_spectra(stage: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+                    wn: tuple[int, int, int]) -> np.ndarray:
+    """Full window spectra (n, ncoef) in (mz, mx, my) order (unnormalised) from the x/y stage."""
+    g = stage[z[:, None] + np.arange(wn[0]), y[:, None], x[:, None]]  # n, dz, kx, ky
     return scipy.fft.fft(g, axis=1).reshape(len(z), -1)
+
+
+def _direct_spectra(region: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray,
+                    wn: tuple[int, int, int]) -> np.ndarray:
+    """Window spectra by one rfftn per window, in the layout of :func:`_window_spectra`.
+
+    ``region`` is the tile plus its halo; ``z, y, x`` are the window corners in it.
+    """
+    wins = sliding_window_view(region, wn)[z, y, x]  # n, wz, wy, wx
+    F = scipy.fft.rfftn(wins, axes=(1, 2, 3))  # n, mz, my, mx
+    return np.ascontiguousarray(F.transpose(0, 1, 3, 2)).reshape(len(z), -1)
 
 
 def _selected(mask: np.ndarray, wn: tuple[int, int, int], threshold: float) -> np.ndarray:
@@ -447,15 +459,22 @@ def locscale_block(
                     slice(y0 - h[1], y0 + ny_ + h[1] - 1),
                     slice(x0 - h[2], x0 + nx_ + h[2] - 1),
                 )
-                st_em = _stage_xy(em[region], wn_t, ny_, nx_)
-                st_ref = None if refa is None else _stage_xy(refa[region], wn_t, ny_, nx_)
                 zs, ys, xs = np.nonzero(sub)
+                # shared x/y passes pay off when enough windows share them; else transform each window
+                shared = (nz_ + wz) * nx_ * (0.5 * (ny_ + wy) + ny_ * (wx // 2 + 1))
+                direct = len(zs) * wz * wy < shared
+                if direct:
+                    src_em, src_ref = em[region], (None if refa is None else refa[region])
+                else:
+                    src_em = _stage_xy(em[region], wn_t, ny_, nx_)
+                    src_ref = None if refa is None else _stage_xy(refa[region], wn_t, ny_, nx_)
+                spectra = _direct_spectra if direct else _window_spectra
                 for s in range(0, len(zs), batch):
                     z, y, x = zs[s : s + batch], ys[s : s + batch], xs[s : s + batch]
-                    Fe = _window_spectra(st_em, z, y, x, wz)
+                    Fe = spectra(src_em, z, y, x, wn_t)
                     pe = (np.abs(Fe) @ plan.mean_matrix) * norm
-                    if st_ref is not None:
-                        Fr = _window_spectra(st_ref, z, y, x, wz)
+                    if src_ref is not None:
+                        Fr = spectra(src_ref, z, y, x, wn_t)
                         pr = (np.abs(Fr) @ plan.mean_matrix) * norm
                     else:
                         pr, bloc = model_free_reference(pe, plan.bin_frequency, **(model_free or {}))

@@ -45,14 +45,15 @@ def test_window_voxels_rounds_up_to_even_and_refuses_tiny_windows():
 
 
 @pytest.mark.parametrize("profile", ["locscale2", "exact"])
-@pytest.mark.parametrize("wn", [8, 10])
-def test_block_matches_naive_per_window_math(profile, wn):
+@pytest.mark.parametrize("wn, density, tile", [(8, 0.5, (3, 4, 5)), (10, 0.5, (3, 4, 5)), (8, 0.05, (32, 24, 24))])
+def test_block_matches_naive_per_window_math(profile, wn, density, tile):
+    # dense masks take the shared separable path, sparse ones one rfftn per window
     rng = np.random.default_rng(wn)
-    shape = (wn + 7, wn + 5, wn + 9)
+    shape = (wn + 7, wn + 5, wn + 9) if density > 0.1 else (wn + 25, wn + 21, wn + 23)
     em = rng.normal(size=shape).astype(np.float32)
     ref = ndi.gaussian_filter(rng.normal(size=shape), 1.0).astype(np.float32)
-    mask = (rng.random(shape) < 0.5).astype(np.float32)
-    out = KL.locscale_block(em, ref, mask, wn=wn, voxel_size=1.0, profile=profile, tile=(3, 4, 5), batch=7)
+    mask = (rng.random(shape) < density).astype(np.float32)
+    out = KL.locscale_block(em, ref, mask, wn=wn, voxel_size=1.0, profile=profile, tile=tile, batch=7)
     h = wn // 2
     n_done = 0
     for z, y, x in zip(*np.nonzero(mask > 0.5)):
