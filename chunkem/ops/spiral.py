@@ -516,14 +516,25 @@ class SpiralResult:
 def _spiral_common(vol, mask, *, resolution_range, n_bands, band_sigma, band_width_voxels, threshold,
                    normalization, quadrature, compat_matlab_floor, fft_strategy, what):
     vol = _split_average(vol)
-    dvol, dmask, lazy = _prepare(vol, mask, what)
     if not 0.0 < float(threshold) < 1.0:
         raise ParameterError(f"threshold must be a quantile level in (0, 1), got {threshold}")
-    bank = band_bank(dvol.shape, voxel_size(dvol), resolution_range=resolution_range, n_bands=n_bands,
+    validate_volume(vol)
+    bank = band_bank(vol.shape, voxel_size(vol), resolution_range=resolution_range, n_bands=n_bands,
                      band_sigma=band_sigma, band_width_voxels=band_width_voxels, normalization=normalization,
                      quadrature=quadrature, compat_matlab_floor=compat_matlab_floor)
+    mask_info: dict[str, Any] = {"source": "given"}
+    if isinstance(mask, str):
+        if mask != "auto":
+            raise ParameterError(f"{what}: mask must be a Volume or 'auto', got {mask!r}")
+        am = auto_mask(vol)
+        c = am.choice
+        warnings.warn(f"{what}: automatic mask: threshold {c.threshold:.4g} ({c.n_sigma:g} σ above the corner "
+                      f"noise), {c.components_kept} component(s) kept, {c.components_removed} removed, "
+                      f"{100 * c.fraction:.1f}% of the box", stacklevel=3)
+        mask, mask_info = am.mask, {"source": "automatic", **am.to_dict()}
+    dvol, dmask, lazy = _prepare(vol, mask, what)
     spec = spectral.rfft(dvol, strategy=fft_strategy)
-    return dvol, dmask, lazy, bank, spec
+    return dvol, dmask, lazy, bank, spec, mask, mask_info
 
 
 _EMPTY_BG = ("mask covers everything: no background voxel (mask ≤ 0.5 inside the sphere of radius L/2 about "
@@ -550,7 +561,7 @@ def _raise_if_zero(n: Any) -> np.ndarray:
 def locspiral(
     vol: xr.DataArray | Sequence[xr.DataArray],
     *,
-    mask: xr.DataArray | None,
+    mask: xr.DataArray | str | None,
     resolution_range: Sequence[float] = (25.0, 3.0),
     n_bands: int | None = None,
     band_sigma: float | None = None,
@@ -580,8 +591,9 @@ def locspiral(
         The map (average of the unfiltered, unmasked, unsharpened half
         maps), or the two half maps (averaged here).
     mask
-        Molecule mask (1 = molecule, > 0.5 inside), aligned with ``vol``.
-        Required: see :func:`auto_mask` when none exists.
+        Molecule mask (1 = molecule, > 0.5 inside), aligned with ``vol``;
+        required. ``"auto"``: make one with :func:`auto_mask` (computes,
+        warns, and records the choice in ``params["mask"]``).
     resolution_range
         ``(low, high)`` Å (reference: 25–35 Å → the FSC resolution).
     n_bands, band_sigma, band_width_voxels, normalization, quadrature, compat_matlab_floor
@@ -616,7 +628,7 @@ def locspiral(
 def locbsharpen(
     vol: xr.DataArray | Sequence[xr.DataArray],
     *,
-    mask: xr.DataArray | None,
+    mask: xr.DataArray | str | None,
     resolution_range: Sequence[float] = (25.0, 3.0),
     reference_resolution: float = 15.0,
     n_bands: int | None = None,
@@ -652,7 +664,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
                  snr_weighting, normalization, quadrature, compat_matlab_floor, quantile_method, fft_strategy,
                  reference_resolution) -> SpiralResult:
     what = "locspiral" if mode == "spiral" else "locbsharpen"
-    dvol, dmask, lazy, bank, spec = _spiral_common(
+    dvol, dmask, lazy, bank, spec, mask, mask_info = _spiral_common(
         vol, mask, resolution_range=resolution_range, n_bands=n_bands, band_sigma=band_sigma,
         band_width_voxels=band_width_voxels, threshold=threshold, normalization=normalization,
         quadrature=quadrature, compat_matlab_floor=compat_matlab_floor, fft_strategy=fft_strategy, what=what)
@@ -684,6 +696,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
     vols, extra = _finish({"map": M, "quality": W}, dvol, lazy, {"noise": da.stack(noise)})
     params = {
         "op": what,
+        "mask": mask_info,
         "resolution_range_A": [float(r) for r in resolution_range],
         "threshold": float(threshold),
         "snr_weighting": bool(snr_weighting),
@@ -798,7 +811,7 @@ def _guinier_solve_block(acc: np.ndarray, *, x_mean: float, min_points: int) -> 
 def locbfactor(
     vol: xr.DataArray | Sequence[xr.DataArray],
     *,
-    mask: xr.DataArray | None,
+    mask: xr.DataArray | str | None,
     resolution_range: Sequence[float] = (15.0, 4.0),
     n_bands: int = 10,
     band_sigma: float | None = None,
@@ -858,7 +871,7 @@ def locbfactor(
     LocBFactorResult
     """
     vol = _split_average(vol)
-    dvol, dmask, lazy, bank, spec = _spiral_common(
+    dvol, dmask, lazy, bank, spec, mask, mask_info = _spiral_common(
         vol, mask, resolution_range=resolution_range, n_bands=n_bands, band_sigma=band_sigma,
         band_width_voxels=band_width_voxels, threshold=threshold, normalization=normalization,
         quadrature=quadrature, compat_matlab_floor=compat_matlab_floor, fft_strategy=fft_strategy,
@@ -895,6 +908,7 @@ def locbfactor(
     vols_out, extra = _finish(vols, dvol, lazy, extra)
     params = {
         "op": "locbfactor",
+        "mask": mask_info,
         "resolution_range_A": [float(r) for r in resolution_range],
         "threshold": float(threshold),
         "snr_weighting": bool(snr_weighting),
@@ -987,7 +1001,7 @@ class OccupancyResult:
 def lococcupancy(
     vol: xr.DataArray | Sequence[xr.DataArray],
     *,
-    mask: xr.DataArray | None,
+    mask: xr.DataArray | str | None,
     resolution_range: Sequence[float] = (25.0, 10.0),
     n_bands: int | None = None,
     band_sigma: float | None = None,
@@ -1025,7 +1039,7 @@ def lococcupancy(
     OccupancyResult
     """
     vol = _split_average(vol)
-    dvol, dmask, lazy, bank, spec = _spiral_common(
+    dvol, dmask, lazy, bank, spec, mask, mask_info = _spiral_common(
         vol, mask, resolution_range=resolution_range, n_bands=n_bands, band_sigma=band_sigma,
         band_width_voxels=band_width_voxels, threshold=threshold, normalization=normalization,
         quadrature=quadrature, compat_matlab_floor=compat_matlab_floor, fft_strategy=fft_strategy,
@@ -1044,7 +1058,7 @@ def lococcupancy(
         dep = _done(acc)
     occ = acc[0] / np.float32(bank.n_bands)
     vols, extra = _finish({"occupancy": occ}, dvol, lazy, {"quantiles": da.stack(qs)})
-    params = {"op": "lococcupancy", "resolution_range_A": [float(r) for r in resolution_range],
+    params = {"op": "lococcupancy", "mask": mask_info, "resolution_range_A": [float(r) for r in resolution_range],
               "threshold": float(threshold), "quantile_method": quantile_method, "fft_strategy": fft_strategy}
     return OccupancyResult(vols["occupancy"], extra["quantiles"], bank, params)
 

@@ -474,9 +474,14 @@ def test_auto_mask_finds_the_molecule(gradient):
     assert inter / true.sum() > 0.6 and inter / auto.sum() > 0.8  # mostly on the molecule
     ch = am.to_dict()
     assert ch["components_kept"] >= 1 and ch["threshold"] > ch["noise_median"]
-    # usable as the op's mask
+    # usable as the op's mask, or made by the op itself (mask="auto": warns and records the choice)
     r = S.locbfactor(_avg(ph), mask=am.mask, resolution_range=(15, 5), n_bands=4)
     assert np.isfinite(r.b_factor.values[auto]).all()
+    with pytest.warns(UserWarning, match="automatic mask"):
+        r2 = S.locbfactor(_avg(ph), mask="auto", resolution_range=(15, 5), n_bands=4)
+    assert r2.params["mask"]["source"] == "automatic"
+    assert r2.params["mask"]["threshold"] == pytest.approx(ch["threshold"])
+    np.testing.assert_array_equal(r2.b_factor.values, r.b_factor.values)
 
 
 def test_maturity_index_on_known_masks():
