@@ -393,8 +393,13 @@ class _Evaluator:
         else:
             b = atoms.b_equivalent
             rmax = float(radius.max()) if radius.size else 0.0
+            # one table per distinct (form factor, B): copies of a model share their tables
+            T = atoms.ff.a.shape[1]
+            keys, row = np.unique(np.concatenate([atoms.ff.a, atoms.ff.b, b[:, None]], axis=1), axis=0,
+                                  return_inverse=True)
+            self.row = row.ravel().astype(np.int64)
             r, p, pr, pB, pBr = radial_tables(
-                atoms.ff.a, atoms.ff.b, b, imaging.limit, r_max=rmax, step=imaging.table_step
+                keys[:, :T], keys[:, T:2 * T], keys[:, 2 * T], imaging.limit, r_max=rmax, step=imaging.table_step
             )
             self.step = float(imaging.table_step)
             self.nr = r.size
@@ -523,7 +528,7 @@ class _Evaluator:
         x = r * (1.0 / self.step)
         j = np.minimum(x.astype(np.int64), self.nr - 2)
         t = x - j
-        cell = pts.aid * (self.nr - 1) + j
+        cell = self.row.take(pts.aid) * (self.nr - 1) + j
         c0, c1, c2, c3 = (col.take(cell) for col in self.coef)  # cubic coefficients of the cell
         v = c0 + t * (c1 + t * (c2 + t * c3))
         if not derivs:
