@@ -87,6 +87,7 @@ __all__ = [
     "hat_multiplier",
     "band_norms",
     "fast_block",
+    "fast_band_block",
 ]
 
 PROFILES = ("exact", "locscale2")
@@ -809,4 +810,39 @@ def fast_block(
     k = scale_factors(pe, pr)
     acc = np.sum(k * em_b, axis=1)
     out[idx] = acc.astype(np.float32)
+    return out
+
+
+def fast_band_block(
+    em_band: np.ndarray,
+    ref_band: np.ndarray,
+    mask: np.ndarray,
+    *,
+    wn: Sequence[int],
+    mask_threshold: float = 0.5,
+) -> np.ndarray:
+    """One band of the fast mode with a reference: ``sqrt(E_ref / E_em) · band_em`` at processed voxels.
+
+    With a reference map the scale of band ``b`` depends on band ``b`` alone,
+    so the bands can be processed one at a time and summed
+    (``Σ_b fast_band_block(em_b, ref_b, mask) == fast_block(*em, *ref, mask)``);
+    peak memory then holds a few band maps instead of all of them.
+    """
+    wn_t = tuple(int(n) for n in np.broadcast_to(np.asarray(wn), (3,)))
+    out = np.zeros(np.shape(mask), dtype=np.float32)
+    sel = _selected(mask, wn_t, mask_threshold)
+    if not sel.any():
+        return out
+    zc, yc, xc = np.nonzero(sel)
+    box = tuple(
+        slice(max(0, int(c.min()) - w // 2), min(n, int(c.max()) + w // 2 + 1))
+        for c, w, n in zip((zc, yc, xc), wn_t, sel.shape)
+    )
+    idx_box = (zc - box[0].start, yc - box[1].start, xc - box[2].start)
+    e = np.asarray(em_band[box], dtype=np.float32)
+    r = np.asarray(ref_band[box], dtype=np.float32)
+    ee = ndi.uniform_filter(e * e, size=wn_t, mode="constant")[idx_box].astype(np.float64)
+    er = ndi.uniform_filter(r * r, size=wn_t, mode="constant")[idx_box].astype(np.float64)
+    k = scale_factors(np.sqrt(np.maximum(ee, 0.0)), np.sqrt(np.maximum(er, 0.0)))
+    out[zc, yc, xc] = (k * e[idx_box]).astype(np.float32)
     return out

@@ -37,7 +37,10 @@ Modes
     local profile is the RMS of each band over the same cubic window
     (a box filter, LOCAL with halo wn/2); the output is
     ``Σ_b sqrt(E_ref,b / E_em,b) · band_em,b``. Cost: 2n whole-map inverse
-    FFTs and 2n box filters — independent of the window volume. The
+    FFTs and 2n box filters — independent of the window volume. With a
+    reference the bands are scaled one at a time and summed, so only a few
+    band maps are alive at once; model-free needs every band's energy at each
+    voxel (the Guinier fit spans the bands), i.e. n band maps at once. The
     approximations vs ``exact``: (1) a band's energy over the window stands
     for the window's mean amplitude in that shell (RMS instead of mean
     |F|, window leakage between neighbouring shells); (2) the band maps are
@@ -417,9 +420,18 @@ def locscale(
         centres = KL.band_centres(wn, vs)
         bands = _bands(vols[0], centres)
         if ref_vol is not None:
-            bands += _bands(vols[1], centres)
-        out = run_local(KL.fast_block, *bands, mask_vol, reach=reach, n_bins=len(centres), wn=wn,
-                        voxel_size=vs, frequency=centres, mask_threshold=float(mask_threshold), model_free=mf)
+            # band by band (the scale of a band depends on that band alone): bounded memory
+            ref_bands = _bands(vols[1], centres)
+            parts = [run_local(KL.fast_band_block, e, r, mask_vol, reach=reach, wn=wn,
+                               mask_threshold=float(mask_threshold)).data for e, r in zip(bands, ref_bands)]
+            total = parts[0]
+            for p in parts[1:]:
+                total = total + p
+            out = make_volume(total, voxel_size=vs, origin=org_p)
+        else:
+            out = run_local(KL.fast_block, *bands, mask_vol, reach=reach, n_bins=len(centres), wn=wn,
+                            voxel_size=vs, frequency=centres, mask_threshold=float(mask_threshold),
+                            model_free=mf)
     crop = tuple(slice(hh, hh + n) for hh, n in zip(h, vol.shape))
     data = out.data[crop]
     if isinstance(data, da.Array):

@@ -211,3 +211,15 @@ def test_model_free_block_fits_local_b_of_a_blurred_window():
     bo = np.full(x.shape, np.nan, np.float32)
     KL.locscale_block(x, None, mask, wn=n, voxel_size=a, model_free={"resolution": 3.0}, bfactor_out=bo)
     assert bo[12, 12, 12] == pytest.approx(B, abs=6.0)
+
+
+def test_fast_band_blocks_sum_to_fast_block():
+    rng = np.random.default_rng(6)
+    em = [rng.normal(size=(16, 17, 18)).astype(np.float32) for _ in range(4)]
+    ref = [ndi.gaussian_filter(rng.normal(size=(16, 17, 18)), 1).astype(np.float32) for _ in range(4)]
+    mask = (rng.random((16, 17, 18)) < 0.6).astype(np.float32)
+    whole = KL.fast_block(*em, *ref, mask, n_bins=4, wn=(6, 6, 8), voxel_size=(1.0, 1.0, 0.8),
+                          frequency=KL.band_centres((6, 6, 8), (1.0, 1.0, 0.8)))
+    parts = sum(KL.fast_band_block(e, r, mask, wn=(6, 6, 8)) for e, r in zip(em, ref))
+    np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
+    assert np.count_nonzero(whole) > 500
