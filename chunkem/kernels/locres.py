@@ -486,7 +486,7 @@ def windowed_band_fsc(
     h2: np.ndarray,
     *,
     box: Sequence[int],
-    eps: float = 0.0,
+    rel_eps: float = 1e-5,
     workers: int = 1,
 ) -> np.ndarray:
     """Local FSC of one band at every voxel: windowed sums with the squared Hann window.
@@ -505,8 +505,14 @@ def windowed_band_fsc(
         Band-passed half-map blocks.
     box
         Window edge per axis (voxels).
-    eps
-        Powers ``sqrt(S11 S22) <= eps`` give FSC 0.
+    rel_eps
+        Voxels whose ``sqrt(S11 S22)`` is below ``rel_eps`` times its
+        largest value in the block get FSC 0: where a map is exactly zero
+        (masked maps) the float32 FFT sums are pure round-off (about
+        ``1e-7`` of the block's largest power), and the exact mode gives 0
+        there too. With any real signal or noise the local power never
+        comes near that level, so the result does not depend on the
+        chunking.
     workers
         Threads for ``scipy.fft``.
 
@@ -533,6 +539,7 @@ def windowed_band_fsc(
     sums = scipy.fft.irfftn(spec, s=fshape, axes=(1, 2, 3), workers=workers)[:, :shape[0], :shape[1], :shape[2]]
     s12, s11, s22 = sums[0], np.maximum(sums[1], 0), np.maximum(sums[2], 0)
     den = np.sqrt(s11.astype(np.float64) * s22)
+    eps = rel_eps * float(den.max()) if den.size else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):
         fsc = np.where(den > eps, s12 / np.where(den > eps, den, 1.0), 0.0)
     return np.clip(fsc, -1.0, 1.0).astype(np.float32)
