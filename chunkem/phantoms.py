@@ -16,9 +16,10 @@
    Each atom gets the field's value at its position; the ``local_b`` map is
    the same field at the voxel centres (the exact truth, defined everywhere).
 3. **The truth map**: the model rendered by ``renderer`` (default
-   :func:`render_gemmi`, gemmi's ``DensityCalculatorE`` with electron form
-   factors, blurred for sampling, de-blurred in Fourier space and limited to
-   the Nyquist sphere).
+   chunkem's own renderer, :func:`chunkem.ops.modelmap.phantom_renderer`:
+   electron form factors, blurred for sampling, de-blurred in Fourier space
+   and limited to the Nyquist sphere; :func:`render_gemmi` does the same with
+   gemmi's ``DensityCalculatorE`` and is kept as an option).
 4. **Two half maps** = truth + independent zero-mean Gaussian noise, of
    one of two spectra:
 
@@ -807,7 +808,8 @@ def make_phantom(
         Random seed (model and noise): same seed, same phantom.
     renderer
         ``f(model, *, shape, voxel_size, origin) -> ndarray (z, y, x)``;
-        default :func:`render_gemmi`.
+        default :func:`chunkem.ops.modelmap.phantom_renderer` (chunkem's
+        renderer); :func:`render_gemmi` gives gemmi's.
 
     Returns
     -------
@@ -845,7 +847,9 @@ def make_phantom(
         raise ParameterError(f"snr_b must be positive (Å²), got {snr_b}")
     if b_gradient not in ("x", "y", "z", "radial"):
         raise ParameterError(f"b_gradient must be 'x', 'y', 'z' or 'radial', got {b_gradient!r}")
-    render = renderer or render_gemmi
+    if renderer is None:
+        from .ops.modelmap import phantom_renderer as renderer  # imported here: no import cycle with ops
+    render = renderer
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 2]))
 
     # model, its bounding box centred in the box
