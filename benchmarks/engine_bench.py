@@ -194,7 +194,7 @@ def part2(shape, workers: int, memory: str, workdir: Path, chunks: int) -> dict:
             ntasks = len(out.data.__dask_graph__())
             with _RssSampler() as rss:
                 t0 = time.perf_counter()
-                save(out, dst, progress=False)
+                save(out, dst, chunks=(chunks, 256, 256), progress=False)  # the input chunking: no extra rechunk
                 wall = time.perf_counter() - t0
             names1 = set(client.scheduler_info(n_workers=-1)["workers"])
             lost = len(names0 - names1)

@@ -228,6 +228,31 @@ def _balanced(n: int, size: int) -> int:
     return -(-n // k)
 
 
+def _axis_chunks(chunks, axis: int, n: int) -> tuple[int, ...]:
+    """Chunk sizes along ``axis`` from any dask-style chunks spec (ints, tuples, dict)."""
+    if chunks is None:
+        return (n,)
+    if isinstance(chunks, dict):
+        c = chunks.get(axis, n)
+    elif isinstance(chunks, (int, np.integer)):
+        c = chunks
+    else:
+        c = tuple(chunks)[axis]
+    if isinstance(c, (tuple, list)):
+        return tuple(int(v) for v in c)
+    c = n if c in (None, -1) else int(c)
+    return (min(c, n),)
+
+
+def _common(sizes) -> int | None:
+    """The most common chunk size (None for an empty sequence)."""
+    sizes = [int(v) for v in sizes]
+    if not sizes:
+        return None
+    vals, counts = np.unique(sizes, return_counts=True)
+    return int(vals[np.argmax(counts)])
+
+
 def _pencil_chunks(nz: int, ny: int, nxh: int, target: int | None = None) -> tuple[int, int, int]:
     """Chunks (nz, cy, cx) of z-pencils holding about ``target`` bytes each."""
     target = _slab_bytes() if target is None else target
@@ -237,9 +262,21 @@ def _pencil_chunks(nz: int, ny: int, nxh: int, target: int | None = None) -> tup
     return (nz, _balanced(ny, cy), _balanced(nxh, cx))
 
 
-def _slab_z(nz: int, plane_bytes: int, target: int | None = None) -> int:
+def _slab_z(nz: int, plane_bytes: int, target: int | None = None, align: int | None = None) -> int:
+    """Planes per z-slab: about ``target`` bytes, aligned with z-chunks of ``align`` planes.
+
+    Alignment (a divisor or a multiple of ``align``) keeps each input chunk
+    feeding whole slabs, so the rechunk to slabs moves fewer pieces.
+    """
     target = _slab_bytes() if target is None else target
-    return _balanced(nz, slab_depth(plane_bytes, nz, target_bytes=target))
+    cz = slab_depth(plane_bytes, nz, target_bytes=target)
+    if align and 1 < align < nz:
+        if cz < align:
+            cz = max(d for d in range(1, cz + 1) if align % d == 0)
+        else:
+            cz = (cz // align) * align
+        return cz
+    return _balanced(nz, cz)
 
 
 def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
@@ -289,7 +326,7 @@ def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
                               meta=np.empty((0, 0, 0), np.complex64))
     else:
         target = _slab_bytes()
-        cz = _slab_z(nz, ny * nxh * 8, target)
+        cz = _slab_z(nz, ny * nxh * 8, target, align=_common(x.chunks[0]))
         slabs = x.rechunk((cz, ny, nx))
         half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
                                 meta=np.empty((0, 0, 0), np.complex64))
@@ -337,12 +374,13 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
     else:
         pencils = x.rechunk({0: nz}) if len(x.chunks[0]) > 1 else x
         zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
-        cz = _slab_z(nz, ny * nxh * 8)
+    target_chunks = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
+    if choice != "gather":
+        cz = _slab_z(nz, ny * nxh * 8, align=_common(_axis_chunks(target_chunks, 0, nz)))
         slabs = zinv.rechunk((cz, ny, nxh))
         real = slabs.map_blocks(_irfft2_block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
                                 meta=np.empty((0, 0, 0), np.float32))
-    target = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
-    real = real.rechunk(target)
+    real = real.rechunk(target_chunks)
     return make_volume(real, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
 
 

@@ -86,7 +86,10 @@ def cluster():
         yield {"address": address, "client": client, "victim": victim}
     finally:
         if client is not None:
-            client.close(timeout=10)
+            try:  # clean shutdown: the scheduler stops its workers, then itself
+                client.shutdown()
+            except Exception:
+                client.close(timeout=10)
         _stop(procs)
 
 
