@@ -40,6 +40,11 @@
     the exact mode itself agrees with its own value one voxel away for only
     83–87 % (the first crossing is noise-limited there).
 
+    **Map edges.** Within half a window of the box edge the fast mode
+    truncates the window (the map counts as zero outside), the exact mode
+    wraps around (the box is periodic, as in its FFTs); the two differ
+    there. Masks normally keep the analysis away from the edge.
+
 ``method="monores"`` (one map or half maps)
     Monogenic amplitude (the map filtered around frequency ``f`` and its
     three Riesz components, ``A = sqrt(g² + Σ R_j g²)``), smoothed by a
