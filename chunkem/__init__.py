@@ -20,6 +20,7 @@ from .ops.locres import LocalResolutionResult, local_filter, local_resolution
 from .ops.modelmap import model_map
 from .ops.refine import RefineResult, refine_adp
 from .ops.metrics import MapModelMetrics, map_model_metrics
+from .ops.scene import Particles, read_particles, render_scene
 from .ops.spiral import (LocBFactorResult, OccupancyResult, SpiralResult, auto_mask, locbfactor,
                           locbsharpen, lococcupancy, locspiral, maturity_index)
 
@@ -48,6 +49,9 @@ __all__ = [
     "RefineResult",
     "map_model_metrics",
     "MapModelMetrics",
+    "render_scene",
+    "read_particles",
+    "Particles",
     "locspiral",
     "locbsharpen",
     "SpiralResult",
