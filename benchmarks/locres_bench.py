@@ -104,7 +104,9 @@ def bench_size(n: int, args, work: Path) -> list[dict]:
     rows = []
     chunkem = [sys.executable, "-m", "chunkem.cli.main", "locres", str(d / "half1.mrc"), str(d / "half2.mrc"),
                "--mask", str(d / "mask.mrc"), "--no-progress"]
-    runs = [("chunkem localfsc fast", ["--mode", "fast"]), ("chunkem monores", ["--method", "monores"])]
+    runs = [("chunkem localfsc fast", ["--mode", "fast"])]
+    if not args.no_monores:
+        runs.append(("chunkem monores", ["--method", "monores"]))
     if args.exact_step:
         runs.append((f"chunkem localfsc exact step {args.exact_step}",
                      ["--mode", "exact", "--step", str(args.exact_step)]))
@@ -141,6 +143,7 @@ def main() -> int:
                     help="python of a venv with biotempy (skip TEMPy when absent)")
     ap.add_argument("--tempy-stride", type=int, default=4)
     ap.add_argument("--exact-step", type=int, default=0, help="also run the exact mode with this --step")
+    ap.add_argument("--no-monores", action="store_true", help="skip MonoRes (one global FFT pass per step)")
     ap.add_argument("--out", default=".")
     args = ap.parse_args()
     rows: list[dict] = []
