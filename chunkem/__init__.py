@@ -21,6 +21,8 @@ from .ops.modelmap import model_map
 from .ops.refine import RefineResult, refine_adp
 from .ops.metrics import MapModelMetrics, map_model_metrics
 from .ops.scene import Particles, read_particles, render_scene
+from .ops.locscale import locscale
+from .ops.fdr import FDRResult, fdr_confidence
 from .ops.spiral import (LocBFactorResult, OccupancyResult, SpiralResult, auto_mask, locbfactor,
                           locbsharpen, lococcupancy, locspiral, maturity_index)
 
@@ -61,4 +63,7 @@ __all__ = [
     "OccupancyResult",
     "maturity_index",
     "auto_mask",
+    "locscale",
+    "fdr_confidence",
+    "FDRResult",
 ]
