@@ -46,7 +46,8 @@ Modes
     |F|, window leakage between neighbouring shells); (2) the band maps are
     periodic whole-map band-passes, so the map outside the window
     contributes through the band's tails. On EMD-3488 the two agree to
-    RSCC 0.994 inside the mask.
+    RSCC 0.993 inside the mask (fast vs locscale 2.3: 0.993; exact vs
+    locscale: 0.9975; locscale2 vs locscale: 1.0000).
 
 Edges: as LocScale, the map is padded by half a window on every side with the
 mean of the map outside the mask (the reference likewise), so that windows
@@ -72,7 +73,7 @@ import xarray as xr
 
 from ..engine import spectral
 from ..engine.local import run_local
-from ..errors import DataValueError, GeometryError, ParameterError
+from ..errors import DataValueError, ParameterError
 from ..kernels import locscale as KL
 from ..kernels.filters import radius
 from ..volume import check_aligned, is_lazy, like, make_volume, origin, validate_volume, voxel_size
