@@ -27,7 +27,8 @@ Peak memory: ``ru_maxrss`` / ``/usr/bin/time`` for whole processes; for
 in-process rows the growth of this process's RSS sampled every 20 ms
 (psutil) over the run; for cluster rows the summed RSS of the process tree
 (client + scheduler + workers). CC and scale are against gemmi on the same
-grid (scale = Σ chunkem·gemmi / Σ gemmi²).
+grid: ``1 − CC``, scale = Σ chunkem·gemmi / Σ gemmi², and the largest
+absolute difference over gemmi's peak.
 
 Usage::
 
@@ -99,18 +100,21 @@ class PeakRSS:
         self.peak = max(self.peak, self._rss())
 
 
-def cc_scale(a: np.ndarray, g: np.ndarray) -> tuple[float, float]:
-    """Pearson CC and least-squares scale of ``a`` against ``g``, in float64 slabs (no big copies)."""
+def cc_scale(a: np.ndarray, g: np.ndarray) -> tuple[float, float, float]:
+    """Pearson CC, least-squares scale and max |a − g| / max |g|, in float64 slabs (no big copies)."""
     n = a.size
     s = np.zeros(5)
+    dmax = gmax = 0.0
     for i in range(a.shape[0]):
         x = a[i].astype(np.float64).ravel()
         y = g[i].astype(np.float64).ravel()
         s += (x.sum(), y.sum(), x @ x, y @ y, x @ y)
+        dmax = max(dmax, float(np.abs(x - y).max()))
+        gmax = max(gmax, float(np.abs(y).max()))
     sx, sy, sxx, syy, sxy = s
     cov = sxy - sx * sy / n
     cc = cov / np.sqrt((sxx - sx * sx / n) * (syy - sy * sy / n))
-    return float(cc), float(sxy / syy)
+    return float(cc), float(sxy / syy), dmax / gmax
 
 
 def gemmi_density(structure, shape, vs, blur: float) -> np.ndarray:
@@ -161,10 +165,12 @@ def warm_up(session) -> None:
     session.client.compute(da.ones((64, 64, 64), chunks=32).sum()).result()
 
 
-def row(case: str, tool: str, mode: str, seconds: float, peak_mb: float | None, cc=None, scale=None) -> None:
-    ROWS.append(dict(case=case, tool=tool, mode=mode, seconds=seconds, peak_mb=peak_mb, cc=cc, scale=scale))
+def row(case: str, tool: str, mode: str, seconds: float, peak_mb: float | None, cc=None, scale=None,
+        diff=None) -> None:
+    ROWS.append(dict(case=case, tool=tool, mode=mode, seconds=seconds, peak_mb=peak_mb, cc=cc, scale=scale,
+                     diff=diff))
     print(f"  {case} | {tool} | {mode}: {seconds:.2f} s, peak {peak_mb if peak_mb is None else round(peak_mb)} MB"
-          + ("" if cc is None else f", CC {cc:.6f}, scale {scale:.5f}"), flush=True)
+          + ("" if cc is None else f", 1-CC {1 - cc:.1e}, scale {scale:.6f}, max diff/peak {diff:.1e}"), flush=True)
 
 
 def _whole_process(code: str) -> tuple[float, float]:
@@ -361,15 +367,17 @@ def main() -> None:
         if not args.skip_scene:
             print("3. scene", flush=True)
             bench_scene(int(args.scene_atoms), args.scene_size, args.scene_voxel, tmp)
-    head = f"| {'case':<58} | {'tool':<21} | {'mode':<34} | {'time s':>7} | {'peak MB':>7} | {'CC vs gemmi':>11} | {'scale':>7} |"
+    head = (f"| {'case':<55} | {'tool':<21} | {'mode':<34} | {'time s':>7} | {'peak MB':>7} | {'1-CC vs gemmi':>13} "
+            f"| {'scale':>8} | {'max diff/peak':>14} |")
     print("\n" + head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in ROWS:
-        cc = "" if r["cc"] is None else f"{r['cc']:.6f}"
-        sc = "" if r["scale"] is None else f"{r['scale']:.5f}"
+        cc = "" if r["cc"] is None else f"{1 - r['cc']:.1e}"
+        sc = "" if r["scale"] is None else f"{r['scale']:.6f}"
+        df = "" if r["diff"] is None else f"{r['diff']:.1e}"
         pk = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"| {r['case']:<58} | {r['tool']:<21} | {r['mode']:<34} | {r['seconds']:>7.2f} | {pk:>7} | {cc:>11} | "
-              f"{sc:>7} |")
+        print(f"| {r['case']:<55} | {r['tool']:<21} | {r['mode']:<34} | {r['seconds']:>7.2f} | {pk:>7} | {cc:>13} | "
+              f"{sc:>8} | {df:>14} |")
     print(f"\n(total {time.perf_counter() - t0:.0f} s; in-process peaks are RSS growth during the run, cluster rows "
           "the whole process tree)")
 
