@@ -304,7 +304,8 @@ def locscale(
         (at least 5 voxels).
     mask
         Voxels to scale (``> mask_threshold``); default the FDR mask of
-        ``vol`` at ``fdr`` (:func:`chunkem.ops.fdr.fdr_confidence`).
+        ``vol`` at ``fdr`` (:func:`chunkem.ops.fdr.fdr_confidence`, BY, noise
+        boxes of ``round_up_to_even(0.1 N)`` voxels as LocScale's wrapper).
     mode
         ``"fast"`` (default), ``"exact"`` or ``"locscale2"`` (module notes).
     target_bfactor
@@ -379,7 +380,8 @@ def locscale(
     if mask is None:
         from .fdr import fdr_confidence
 
-        mask = fdr_confidence(vol, fdr=fdr).mask
+        # LocScale's wrapper: noise boxes of round_up_to_even(0.1 N0) voxels; mask = confidence >= 1 - fdr
+        mask = fdr_confidence(vol, fdr=fdr, noise_box=KL.round_up_to_even(0.1 * vol.shape[0])).mask
     else:
         check_aligned(vol, mask, names=[str(vol.name or "map"), str(mask.name or "mask")])
     chunks = vol.data.chunks if lazy else vol.shape

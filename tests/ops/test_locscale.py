@@ -207,7 +207,7 @@ def test_default_mask_is_the_fdr_mask():
     a[14:26, 14:26, 14:26] += 6 * ndi.gaussian_filter(rng.random((12, 12, 12)), 1) + 4
     v = make_volume(a, voxel_size=1.0)
     out = locscale(v, model_map=v, resolution=3.0, window=8.0, mode="fast")
-    m = np.asarray(fdr_confidence(v).mask.values) > 0.5
+    m = np.asarray(fdr_confidence(v, noise_box=KL.round_up_to_even(0.1 * 40)).mask.values) > 0.5
     assert m.sum() > 100
     assert np.array_equal(out.values != 0, m)
 
