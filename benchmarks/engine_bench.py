@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 
 
@@ -139,7 +141,7 @@ def part1(sizes, repeat: int, use_cluster: bool) -> list[dict]:
                 wait(persisted.data)
             for name, (ref_fn, op, strat) in ops.items():
                 t_scipy = _best(ref_fn, repeat)
-                with dask.config.set(scheduler="threads"):
+                with dask.config.set({"scheduler": "threads", "array.rechunk.method": "tasks"}):
                     t_thr = _best(lambda: op(vol).data.compute(), repeat)
                 t_cl = float("nan")
                 if client is not None:
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="folder for the out-of-core stores (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the out-of-core stores")
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", message="Sending large graph")
 
     print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}", file=sys.stderr)
     rows = part1(args.sizes, args.repeat, not args.no_cluster) if args.sizes else []

@@ -333,7 +333,8 @@ def compute_session(
         kind = "threads" if nbytes_hint is None or nbytes_hint // 4 < limit else "local"
 
     if kind == "threads":
-        settings: dict[str, Any] = {"scheduler": "threads"}
+        # "tasks" rechunking: dask would pick P2P (distributed-only) when some Client exists
+        settings: dict[str, Any] = {"scheduler": "threads", "array.rechunk.method": "tasks"}
         info: dict[str, Any] = {}
         if threads_per_worker:
             settings["num_workers"] = int(threads_per_worker)
