@@ -355,7 +355,7 @@ def _window_spectra(stage: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarr
                     wn: tuple[int, int, int]) -> np.ndarray:
     """Full window spectra (n, ncoef) in (mz, mx, my) order (unnormalised) from the x/y stage."""
     g = stage[z[:, None] + np.arange(wn[0]), y[:, None], x[:, None]]  # n, dz, kx, ky
-    return scipy.fft.fft(g, axis=1).reshape(len(z), -1)
+    return scipy.fft.fft(g, axis=1, overwrite_x=True).reshape(len(z), -1)
 
 
 def _direct_spectra(region: np.ndarray, z: np.ndarray, y: np.ndarray, x: np.ndarray,
