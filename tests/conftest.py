@@ -39,3 +39,23 @@ def shared_reference() -> Path:
 def data_file(relpath: str) -> Path:
     """Path of one file under ``../shared/data``; skips the calling test when absent."""
     return _need(SHARED_DATA / relpath)
+
+
+@pytest.fixture(scope="session")
+def _two_worker_cluster():
+    """One real 2-process dask cluster shared by the whole test session."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit="3GB"
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def two_worker_client(_two_worker_cluster):
+    """A distributed Client (default for the test's duration) on 2 worker processes."""
+    from distributed import Client
+
+    with Client(_two_worker_cluster) as client:
+        yield client

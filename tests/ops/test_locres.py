@@ -249,19 +249,17 @@ def test_lazy_in_lazy_out(small):
     assert isinstance(r.resolution.data, da.Array) and isinstance(f.data, da.Array)
 
 
-def test_two_worker_cluster(small):
-    distributed = pytest.importorskip("distributed")
+def test_two_worker_cluster(small, two_worker_client):
+    client = two_worker_client
     kw = dict(window=14.0, band_spacing=1 / 10.0)
     ref = local_resolution(small.half1, small.half2, mask=small.mask, **kw).resolution.values
     ch = {"z": 19, "y": 20, "x": 37}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                      memory_limit="2GB") as cluster, distributed.Client(cluster) as client:
-            with dask.config.set({"chunkem.chunks": 20}):
-                r = local_resolution(small.half1.chunk(ch), small.half2.chunk(ch), mask=small.mask.chunk(ch), **kw)
-            got = client.compute(r.resolution.data).result()
-            assert len(client.scheduler_info()["workers"]) == 2
+        with dask.config.set({"chunkem.chunks": 20}):
+            r = local_resolution(small.half1.chunk(ch), small.half2.chunk(ch), mask=small.mask.chunk(ch), **kw)
+        got = client.compute(r.resolution.data).result()
+        assert len(client.scheduler_info()["workers"]) == 2
     np.testing.assert_allclose(got, ref, atol=1e-3)
 
 

@@ -235,9 +235,7 @@ def test_bad_input():
         locscale(em, model=far, refine=False, mask=mask, resolution=3.0)
 
 
-def test_two_worker_cluster_matches_single_process():
-    from distributed import Client, LocalCluster
-
+def test_two_worker_cluster_matches_single_process(two_worker_client):
     from chunkem.ops.fdr import fdr_confidence
 
     em, ref, mask = _smooth_case()
@@ -246,12 +244,10 @@ def test_two_worker_cluster_matches_single_process():
     ref_fast = locscale(em, mode="fast", **kw).values
     ref_fdr = fdr_confidence(em).confidence.values
     chunks = {"z": 20, "y": 21, "x": 22}  # 8 blocks: a real multi-process run, few tasks
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster):
-        lk = dict(model_map=ref.chunk(chunks), mask=mask.chunk(chunks), resolution=3.0, window=8.0)
-        ex = locscale(em.chunk(chunks), mode="exact", **lk).values
-        fa = locscale(em.chunk(chunks), mode="fast", **lk).values
-        fd = fdr_confidence(em.chunk(chunks)).confidence.values
+    lk = dict(model_map=ref.chunk(chunks), mask=mask.chunk(chunks), resolution=3.0, window=8.0)
+    ex = locscale(em.chunk(chunks), mode="exact", **lk).values
+    fa = locscale(em.chunk(chunks), mode="fast", **lk).values
+    fd = fdr_confidence(em.chunk(chunks)).confidence.values
     np.testing.assert_allclose(ex, ref_exact, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(fa, ref_fast, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(fd, ref_fdr)

@@ -160,18 +160,15 @@ def test_bad_inputs():
 
 
 @pytest.mark.distributed
-def test_two_worker_cluster_run():
-    from chunkem.engine.cluster import compute_session
-
+def test_two_worker_cluster_run(two_worker_client):
     rng = np.random.default_rng(2)
     shape = (30, 31, 32)
     toy = _toy(rng.uniform(3, 27, (40, 3)), rng.uniform(10, 50, 40))
     grid = make_volume(np.zeros(shape, np.float32), voxel_size=1.0)
     ref = model_map(toy, like=grid, resolution=3.0).values
     lazy = model_map(toy, like=grid.chunk(11), resolution=3.0)
-    with compute_session(cluster="local", workers=2, threads_per_worker=1, memory_limit="1GB") as s:
-        assert s.client is not None
-        got = lazy.data.compute()
+    assert len(two_worker_client.scheduler_info()["workers"]) == 2
+    got = two_worker_client.compute(lazy.data).result()
     np.testing.assert_allclose(got, ref, atol=2e-6 * ref.max())
 
 

@@ -160,22 +160,18 @@ def test_postprocess_errors():
 
 
 @pytest.mark.distributed
-def test_fsc_and_postprocess_on_a_two_worker_cluster(phantom):
-    from distributed import Client, LocalCluster
-
+def test_fsc_and_postprocess_on_a_two_worker_cluster(phantom, two_worker_client):
     from chunkem.ops.fsc import fsc
 
     ph = phantom
     ref = _pp(ph.half1, ph.half2, mask=ph.mask)
     h1, h2, m = (v.chunk({"z": 24, "y": 48, "x": 48}) for v in (ph.half1, ph.half2, ph.mask))
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        assert len(client.scheduler_info()["workers"]) == 2
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            r = fsc(h1, h2, mask=m, strategy="slab")
-        pp = _pp(h1, h2, mask=m, fsc_result=r)
-        out = pp.map.data.compute()
+    assert len(two_worker_client.scheduler_info()["workers"]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = fsc(h1, h2, mask=m, strategy="slab")
+    pp = _pp(h1, h2, mask=m, fsc_result=r)
+    out = pp.map.data.compute()
     np.testing.assert_allclose(r.fsc_corrected, ref.fsc.fsc_corrected, atol=1e-5)
     assert np.abs(out - ref.map.values).max() < 1e-5 * np.abs(ref.map.values).max()
 
