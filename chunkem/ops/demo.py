@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.config
+
 __all__ = ["STAGES", "DemoResult", "run_demo"]
 
 #: (stage name, module holding ``demo_stage``), run in this order. A module
@@ -132,7 +134,8 @@ def run_demo(
         if fn is None:
             continue
         t = time.perf_counter()
-        summary = fn(ctx) or {}
+        with dask.config.set({"chunkem.progress": False}):  # one summary line per stage instead
+            summary = fn(ctx) or {}
         dt = time.perf_counter() - t
         result.stages[name] = summary
         result.times[name] = round(dt, 2)
