@@ -21,7 +21,8 @@ of bands:
   reference band;
 * LocBFactor ``K=6``: weighted least-squares sums
   ``Σw, Σwx, Σwx², Σwy, Σwxy, Σwy²`` of ``y = ln(C·m·sqrt(N_vox))`` against
-  ``x = s² - x̄`` (Å⁻², centred for float32 accuracy);
+  ``x = s² - x̄`` (Å⁻², centred for float32 accuracy); ``K=3``
+  (``Σy, Σxy, Σy²``) when every point counts, the x sums then being shared;
 * LocOccupancy ``K=1``: ``Σ [m ≥ q]``.
 
 ``C = m/(m + q)`` is the reference's SNR weight, ``q`` the band's noise
@@ -335,12 +336,15 @@ def bsharpen_update(acc: np.ndarray, c: np.ndarray, m: np.ndarray, *, q: float, 
 
 def guinier_update(acc: np.ndarray, m: np.ndarray, *, q: float, x: float, log_scale: float,
                    snr_weighting: bool = True, drop_below_noise: bool = False) -> np.ndarray:
-    """LocBFactor band update of the least-squares sums ``acc`` (6, ...).
+    """LocBFactor band update of the least-squares sums ``acc``; returns a new array.
 
     ``y = ln(C·m) + log_scale`` (``log_scale = ln sqrt(N_vox)``, the reference's
-    unitary-FFT scale), ``x`` = the band's centred ``s²`` (Å⁻²). With
-    ``drop_below_noise`` the point only counts where ``y > ln(q) + log_scale``
-    (the reference's ``filter=1``). Returns a new array.
+    unitary-FFT scale), ``x`` = the band's centred ``s²`` (Å⁻²). ``acc`` holds
+    ``(Σw, Σwx, Σwx², Σwy, Σwxy, Σwy²)`` (6, ...) or, when every point counts
+    (weights 1, the same ``x`` for every voxel), only ``(Σy, Σxy, Σy²)``
+    (3, ...); see :func:`guinier_solve`. With ``drop_below_noise`` (6 sums
+    needed) a point counts only where ``y > ln(q) + log_scale`` (the
+    reference's ``filter=1``).
     """
     m = np.asarray(m, dtype=np.float32)
     qf = np.float32(q)
@@ -354,6 +358,14 @@ def guinier_update(acc: np.ndarray, m: np.ndarray, *, q: float, x: float, log_sc
     y += np.float32(log_scale)
     xf = np.float32(x)
     out = np.array(acc, dtype=np.float32, copy=True)
+    if out.shape[0] == 3:
+        if drop_below_noise:
+            raise ValueError("drop_below_noise needs the 6 per-voxel sums")
+        out[0] += y
+        out[1] += y * xf
+        y *= y
+        out[2] += y
+        return out
     if drop_below_noise:
         w = (y > np.float32(math.log(max(q, _TINY)) + log_scale)).astype(np.float32)
         out[0] += w
@@ -375,8 +387,12 @@ def guinier_update(acc: np.ndarray, m: np.ndarray, *, q: float, x: float, log_sc
     return out
 
 
-def guinier_solve(acc: np.ndarray, *, x_mean: float, min_points: int = 2) -> np.ndarray:
+def guinier_solve(acc: np.ndarray, *, x_mean: float, min_points: int = 2,
+                  x_sums: tuple[float, float, float] | None = None) -> np.ndarray:
     """Solve the per-voxel weighted line fit from :func:`guinier_update` sums.
+
+    ``acc`` (6, ...) per-voxel sums, or (3, ...) ``(Σy, Σxy, Σy²)`` with
+    ``x_sums = (n, Σx, Σx²)`` shared by every voxel.
 
     Returns
     -------
@@ -389,16 +405,23 @@ def guinier_solve(acc: np.ndarray, *, x_mean: float, min_points: int = 2) -> np.
         temporaries), in float32 like the sums.
     """
     acc = np.asarray(acc)
+    if acc.shape[0] == 3 and x_sums is None:
+        raise ValueError("3 sums need x_sums=(n, Σx, Σx²)")
     out = np.empty((4, *acc.shape[1:]), dtype=np.float32)
     n0 = acc.shape[1] if acc.ndim > 1 else 1
     step = max(1, int(2**21 // max(1, int(np.prod(acc.shape[2:])))))
     for i in range(0, n0, step):
-        out[:, i:i + step] = _solve_slab(acc[:, i:i + step], x_mean=x_mean, min_points=min_points)
+        out[:, i:i + step] = _solve_slab(acc[:, i:i + step], x_mean=x_mean, min_points=min_points, x_sums=x_sums)
     return out
 
 
-def _solve_slab(acc: np.ndarray, *, x_mean: float, min_points: int) -> np.ndarray:
-    s0, s1, s2, sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
+def _solve_slab(acc: np.ndarray, *, x_mean: float, min_points: int,
+                x_sums: tuple[float, float, float] | None) -> np.ndarray:
+    if acc.shape[0] == 3:
+        sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
+        s0, s1, s2 = (np.full(sy.shape, v, dtype=np.float32) for v in x_sums)  # type: ignore[union-attr]
+    else:
+        s0, s1, s2, sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
     den = s0 * s2 - s1 * s1
     ok = (s0 >= min_points) & (den > np.float32(1e-12) * np.maximum(s0 * s2, np.float32(1e-30)))
     safe_den = np.where(ok, den, np.float32(1))

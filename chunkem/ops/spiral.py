@@ -372,24 +372,40 @@ def _gate(spec: spectral.Spectrum, dep: da.Array | None) -> spectral.Spectrum:
     return replace(spec, data=data)
 
 
-def _amplitude_block(c: np.ndarray, *quad: np.ndarray) -> np.ndarray:
-    return K.local_amplitude(c, *quad)
-
-
 def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None) -> tuple[da.Array, da.Array]:
     """Band ``j``: the band-passed map ``c`` and local amplitude ``m`` (lazy).
 
     One pointwise filter of the shared spectrum (``F·H_j``), then the
-    quadrature multipliers applied to that, and one inverse FFT each.
+    quadrature multipliers applied to that, one inverse FFT each. The
+    inverse FFTs run one after another, each squared into the running
+    ``c² + Σ r²`` before the next starts, so one band never holds more than
+    two full real maps besides ``c`` (each FFT uses every core anyway).
     """
     g = _gate(spec, dep)
     fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
                         scale=float(bank.scales[j]))
     c = spectral.irfft(fh).data
-    quad = [spectral.irfft(spectral.apply(K.quadrature_filter, fh, component=comp)).data
-            for comp in K.quadrature_components(bank.quadrature)]
-    m = da.map_blocks(_amplitude_block, c, *quad, dtype=np.float32)
+    sq = da.map_blocks(_square_block, c, dtype=np.float32)
+    for comp in K.quadrature_components(bank.quadrature):
+        qspec = _gate(spectral.apply(K.quadrature_filter, fh, component=comp), _done(sq))
+        r = spectral.irfft(qspec).data
+        sq = da.map_blocks(_add_square_block, sq, r, dtype=np.float32)
+    m = da.map_blocks(_sqrt_block, sq, dtype=np.float32)
     return c, m
+
+
+def _square_block(c: np.ndarray) -> np.ndarray:
+    return np.square(c, dtype=np.float32)
+
+
+def _add_square_block(acc: np.ndarray, r: np.ndarray) -> np.ndarray:
+    out = np.square(r, dtype=np.float32)
+    out += acc
+    return out
+
+
+def _sqrt_block(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(x, dtype=np.float32)
 
 
 def _token_block(a: np.ndarray) -> np.ndarray:
@@ -804,8 +820,8 @@ class LocBFactorResult:
         }
 
 
-def _guinier_solve_block(acc: np.ndarray, *, x_mean: float, min_points: int) -> np.ndarray:
-    return K.guinier_solve(acc, x_mean=x_mean, min_points=min_points)
+def _guinier_solve_block(acc: np.ndarray, *, x_mean: float, min_points: int, x_sums) -> np.ndarray:
+    return K.guinier_solve(acc, x_mean=x_mean, min_points=min_points, x_sums=x_sums)
 
 
 def locbfactor(
@@ -884,7 +900,7 @@ def locbfactor(
     x = bank.s2
     x_mean = float(x.mean())
     probe_items = _check_probes(probes, dvol.shape)
-    acc = _zeros(6, dvol.data)
+    acc = _zeros(6 if drop_below_noise else 3, dvol.data)
     dep = _require_molecule(dmask)
     noise, samples = [], []
     for j in range(bank.n_bands):
@@ -898,7 +914,9 @@ def locbfactor(
             idx = tuple(np.array([p[ax] for _, p in probe_items]) for ax in range(3))
             samples.append(m.vindex[idx])
         dep = _done(acc)
-    sol = da.map_blocks(_guinier_solve_block, acc, x_mean=x_mean, min_points=2, dtype=np.float32,
+    xc = x - x_mean
+    x_sums = (float(xc.size), float(xc.sum()), float((xc * xc).sum()))
+    sol = da.map_blocks(_guinier_solve_block, acc, x_mean=x_mean, min_points=2, x_sums=x_sums, dtype=np.float32,
                         chunks=((4,), *acc.chunks[1:]))
     slope = sol[0]
     vols = {"b_factor": 4.0 * slope, "slope": slope, "intercept": sol[1], "quality": sol[2], "n_points": sol[3]}

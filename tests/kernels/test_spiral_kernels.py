@@ -189,3 +189,21 @@ def test_guinier_fit_recovers_b():
     assert line.to_dict()["b_decay_A2"] == pytest.approx(60.0)
     with pytest.raises(ValueError):
         K.guinier_fit(s, amp, low_res=3.0, high_res=2.9)
+
+
+def test_three_shared_x_sums_equal_six_per_voxel_sums():
+    rng = np.random.default_rng(4)
+    x = np.linspace(1 / 20, 1 / 4, 7) ** 2
+    xm = x.mean()
+    a6 = np.zeros((6, 5, 6, 7), np.float32)
+    a3 = np.zeros((3, 5, 6, 7), np.float32)
+    for xj in x:
+        m = rng.random((5, 6, 7)).astype(np.float32) + 0.1
+        a6 = K.guinier_update(a6, m, q=0.3, x=xj - xm, log_scale=2.0)
+        a3 = K.guinier_update(a3, m, q=0.3, x=xj - xm, log_scale=2.0)
+    xc = x - xm
+    s6 = K.guinier_solve(a6, x_mean=xm)
+    s3 = K.guinier_solve(a3, x_mean=xm, x_sums=(xc.size, xc.sum(), (xc * xc).sum()))
+    np.testing.assert_allclose(s3, s6, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError):
+        K.guinier_update(a3, m, q=0.3, x=0.0, log_scale=0.0, drop_below_noise=True)
