@@ -18,7 +18,9 @@ For dask-backed input every op returns dask-backed results and computes
 nothing. The graph is *gated*: band ``j + 1``'s Fourier kernels depend on
 band ``j``'s finished accumulator update, so any scheduler runs the bands one
 after another (one band's arrays alive at a time) instead of starting every
-band's FFTs at once or fusing all updates into one final task. numpy-backed input gives numpy-backed results (computed at the end).
+band's FFTs at once or fusing all updates into one final task. Within a
+band the inverse FFTs also run one after another. numpy-backed input gives
+numpy-backed results (computed at the end).
 
 B-factor sign
 -------------
