@@ -115,6 +115,35 @@ def make_maps(size: int, folder: Path, seed: int = 0) -> tuple[Path, Path, float
     return h1, h2, apix
 
 
+def make_big_maps(size: int, folder: Path, seed: int = 0, chunk: int = 128) -> tuple[Path, Path, float]:
+    """Write half1/half2 OME-Zarr stores of edge ``size`` out of core (never whole in memory).
+
+    Signal: white noise smoothed by a Gaussian (σ = 1.5 voxels, a dask
+    ``map_overlap``, so band-limited), shared by both halves; plus
+    independent white noise per half. Written chunk by chunk with
+    :func:`chunkem.save`.
+    """
+    import dask.array as da
+    import scipy.ndimage
+
+    from chunkem import make_volume, save
+
+    folder.mkdir(parents=True, exist_ok=True)
+    apix = 1.1
+    paths = folder / f"half1_{size}.zarr", folder / f"half2_{size}.zarr"
+    if all(p.exists() for p in paths):
+        return paths[0], paths[1], apix
+    rs = da.random.RandomState(seed)
+    shape, chunks = (size,) * 3, (chunk,) * 3
+    white = rs.standard_normal(shape, chunks=chunks).astype(np.float32)
+    sig = white.map_overlap(scipy.ndimage.gaussian_filter, depth=6, boundary="periodic", sigma=1.5,
+                            dtype=np.float32) * np.float32(4.0)
+    for i, p in enumerate(paths):
+        noise = da.random.RandomState(seed + 1 + i).standard_normal(shape, chunks=chunks).astype(np.float32)
+        save(make_volume(sig + np.float32(1.5) * noise, voxel_size=apix), p, chunks=chunk, progress=False)
+    return paths[0], paths[1], apix
+
+
 # --------------------------------------------------------------------------- timing
 def timed(cmd, cwd: Path, log: Path) -> dict:
     tfile = log.with_suffix(".time")

@@ -10,21 +10,50 @@ __version__ = "0.1.0"
 
 from . import config  # noqa: F401  (registers the chunkem dask.config defaults)
 from .errors import ChunkemError
-from .volume import make_volume, validate_volume
-from .io.maps import open_map, save
-from .io.model import Model, open_model, save_model
-from .ops.fsc import FSCResult, fsc
-from .ops.postprocess import PostprocessResult, postprocess
-from .ops.sharpen import AutoSharpenResult, auto_sharpen, sharpen
-from .ops.locres import LocalResolutionResult, local_filter, local_resolution
-from .ops.modelmap import model_map
-from .ops.refine import RefineResult, refine_adp
-from .ops.metrics import MapModelMetrics, map_model_metrics
-from .ops.scene import Particles, read_particles, render_scene
-from .ops.locscale import locscale
-from .ops.fdr import FDRResult, fdr_confidence
-from .ops.spiral import (LocBFactorResult, OccupancyResult, SpiralResult, auto_mask, locbfactor,
-                          locbsharpen, lococcupancy, locspiral, maturity_index)
+
+# Public names are imported on first use (module ``__getattr__`` below), so that
+# ``import chunkem`` and the CLI do not pay for dask.array/xarray/scipy.stats...
+# of every op up front. ``from chunkem import fsc`` works as before.
+_LAZY = {
+    "make_volume": ".volume", "validate_volume": ".volume",
+    "open_map": ".io.maps", "save": ".io.maps",
+    "Model": ".io.model", "open_model": ".io.model", "save_model": ".io.model",
+    "FSCResult": ".ops.fsc", "fsc": ".ops.fsc",
+    "PostprocessResult": ".ops.postprocess", "postprocess": ".ops.postprocess",
+    "AutoSharpenResult": ".ops.sharpen", "auto_sharpen": ".ops.sharpen", "sharpen": ".ops.sharpen",
+    "LocalResolutionResult": ".ops.locres", "local_filter": ".ops.locres", "local_resolution": ".ops.locres",
+    "model_map": ".ops.modelmap",
+    "RefineResult": ".ops.refine", "refine_adp": ".ops.refine",
+    "MapModelMetrics": ".ops.metrics", "map_model_metrics": ".ops.metrics",
+    "Particles": ".ops.scene", "read_particles": ".ops.scene", "render_scene": ".ops.scene",
+    "locscale": ".ops.locscale",
+    "FDRResult": ".ops.fdr", "fdr_confidence": ".ops.fdr",
+    "LocBFactorResult": ".ops.spiral", "OccupancyResult": ".ops.spiral", "SpiralResult": ".ops.spiral",
+    "auto_mask": ".ops.spiral", "locbfactor": ".ops.spiral", "locbsharpen": ".ops.spiral",
+    "lococcupancy": ".ops.spiral", "locspiral": ".ops.spiral", "maturity_index": ".ops.spiral",
+}
+
+
+def __getattr__(name: str):
+    """Import a public name (or a subpackage such as ``chunkem.io``) on first use."""
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("_"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -56,6 +56,7 @@ __all__ = [
     "shell_frequencies",
     "ShellSums",
     "shell_sums",
+    "shell_sums_many",
     "radial_profile",
     "choose_strategy",
     "worker_memory_limit",
@@ -763,3 +764,158 @@ def shell_sums(spec1: Spectrum, spec2: Spectrum | None = None, *, hermitian_weig
 def radial_profile(spec: Spectrum, *, hermitian_weights: bool = False, progress: bool | None = None) -> ShellSums:
     """Rotationally averaged profile of a spectrum: use ``.mean_amplitude()`` / ``.mean_power()``."""
     return shell_sums(spec, None, hermitian_weights=hermitian_weights, progress=progress)
+
+
+# --- several pairs in one pass ---------------------------------------------------
+
+
+def _piece_sums_many(fs, pairs, *, shape, vs, index, hermitian, nshell, amplitudes) -> np.ndarray:
+    """(len(pairs), 6, nshell) sums of one piece; products in float32, sums in float64.
+
+    The shell index, the voxel count and each spectrum's ``|F|²`` are worked
+    out once and shared by every pair; corner voxels (index -1) go to a dump
+    bin that is dropped, so no masked copies are made.
+    """
+    kz, ky, kx = frequencies(shape, vs, index=index, block_shape=fs[0].shape)
+    idx = shell_index(kz, ky, kx, shape=shape, voxel_size=vs)
+    idx = np.broadcast_to(idx, fs[0].shape).ravel()
+    idx = np.where(idx < 0, nshell, idx)
+    nb = nshell + 1
+    if hermitian:
+        nx = shape[2]
+        ix = np.arange(index[2], index[2] + fs[0].shape[2])
+        wx = np.where((ix == 0) | ((nx % 2 == 0) & (ix == nx // 2)), 1.0, 2.0).astype(np.float32)[None, None, :]
+    else:
+        wx = None
+
+    def weighted(x):
+        return (x if wx is None else x * wx).ravel()
+
+    count = np.bincount(idx, weights=None if wx is None else np.broadcast_to(wx, fs[0].shape).ravel(),
+                        minlength=nb)[:nshell]
+    power: dict[int, np.ndarray] = {}
+
+    def sq(i):
+        if i not in power:
+            f = fs[i]
+            power[i] = f.real * f.real + f.imag * f.imag
+        return power[i]
+
+    out = np.zeros((len(pairs), 6, nshell), dtype=np.float64)
+    for p, (i, j) in enumerate(pairs):
+        out[p, 0] = count
+        a2 = np.bincount(idx, weights=weighted(sq(i)), minlength=nb)[:nshell]
+        out[p, 2] = a2
+        if amplitudes:
+            out[p, 4] = np.bincount(idx, weights=weighted(np.sqrt(sq(i))), minlength=nb)[:nshell]
+        if j is None:
+            out[p, 1] = a2
+            out[p, 3] = a2
+        else:
+            a, b = fs[i], fs[j]
+            cross = a.real * b.real + a.imag * b.imag
+            out[p, 1] = np.bincount(idx, weights=weighted(cross), minlength=nb)[:nshell]
+            out[p, 3] = np.bincount(idx, weights=weighted(sq(j)), minlength=nb)[:nshell]
+    return out
+
+
+class _BlockShellsMany:
+    def __init__(self, shape, vs, starts, hermitian, nshell, pairs, amplitudes):
+        self.shape, self.vs, self.starts = shape, vs, starts
+        self.hermitian, self.nshell, self.pairs, self.amplitudes = hermitian, nshell, pairs, amplitudes
+
+    def __call__(self, *blocks, block_id=None):
+        index = tuple(self.starts[ax][block_id[ax]] for ax in range(3)) if block_id is not None else (0, 0, 0)
+        out = np.zeros((len(self.pairs), 6, self.nshell), dtype=np.float64)
+        for z0, z1 in _z_pieces(blocks[0].shape, itemsize=8 * max(1, len(blocks))):
+            sub = [np.asarray(b[z0:z1]).astype(np.complex64, copy=False) for b in blocks]
+            out += _piece_sums_many(sub, self.pairs, shape=self.shape, vs=self.vs,
+                                    index=(index[0] + z0, index[1], index[2]), hermitian=self.hermitian,
+                                    nshell=self.nshell, amplitudes=self.amplitudes)
+        return out[None, None, None]
+
+
+def shell_sums_many(pairs, *, hermitian_weights: bool = False, amplitudes: bool = True,
+                    progress: bool | None = None, min_tasks: int | None = None) -> list[ShellSums]:
+    """Per-shell sums of several spectrum pairs in one pass (one dask compute).
+
+    Like calling :func:`shell_sums` on each pair, but each distinct spectrum
+    (by identity) is computed once even when it appears in several pairs,
+    and the shell index and voxel count are shared. Products are formed in
+    float32 from the complex64 spectra and summed in float64 (relative
+    error ~1e-7, well below any FSC use).
+
+    Parameters
+    ----------
+    pairs
+        Sequence of ``(spec1, spec2)``; ``spec2`` may be None (as in
+        :func:`shell_sums`). All spectra must share shape and voxel size.
+    hermitian_weights
+        As in :func:`shell_sums`.
+    amplitudes
+        Also sum ``|F1|`` (``ShellSums.sum_abs_f1``); False leaves it zero
+        and saves one pass per pair.
+    progress
+        Progress bar (default: ``chunkem.progress`` setting).
+    min_tasks
+        Split single-chunk (gathered) spectra along z into at least this many
+        blocks so that the sums run on several threads/workers (default: the
+        number of dask workers/threads, at most 8).
+
+    Returns
+    -------
+    list of ShellSums, one per pair, in order.
+    """
+    pairs = [(a, b) for a, b in pairs]
+    if not pairs:
+        return []
+    uniq: list[Spectrum] = []
+    ids: dict[int, int] = {}
+    for a, b in pairs:
+        for s in (a, b):
+            if s is not None and id(s) not in ids:
+                ids[id(s)] = len(uniq)
+                uniq.append(s)
+    ref = uniq[0]
+    _check_same(ref, tuple(uniq[1:]))
+    ipairs = tuple((ids[id(a)], None if b is None else ids[id(b)]) for a, b in pairs)
+    blocks = _aligned_data(ref, tuple(uniq[1:]))
+    shape = tuple(ref.shape)
+    vs = tuple(ref.voxel_size)
+    nshell = n_shells(shape, vs)
+    if not isinstance(blocks[0], da.Array):
+        func = _BlockShellsMany(shape, vs, ((0,), (0,), (0,)), hermitian_weights, nshell, ipairs, amplitudes)
+        arr = func(*blocks, block_id=(0, 0, 0))[0, 0, 0]
+    else:
+        if min_tasks is None:
+            import dask
+
+            min_tasks = min(8, int(dask.config.get("num_workers", None) or _n_threads()))
+        if blocks[0].npartitions < min_tasks and blocks[0].shape[0] >= 2 * min_tasks:
+            cz = -(-blocks[0].shape[0] // max(1, min_tasks))
+            blocks = [b.rechunk({0: cz}) for b in blocks]
+        func = _BlockShellsMany(shape, vs, _starts(blocks[0].chunks), hermitian_weights, nshell, ipairs, amplitudes)
+        c = blocks[0].chunks
+        per = da.map_blocks(func, *blocks, dtype=np.float64, new_axis=[3, 4, 5],
+                            chunks=((1,) * len(c[0]), (1,) * len(c[1]), (1,) * len(c[2]), (len(ipairs),), (6,),
+                                    (nshell,)),
+                            meta=np.empty((0, 0, 0, 0, 0, 0), np.float64))
+        from .cluster import compute
+
+        (arr,) = compute(per.sum(axis=(0, 1, 2)), progress=progress, label="shell sums")
+    arr = np.asarray(arr)
+    return [_make_sums(arr[p], ref, hermitian_weights) for p in range(len(ipairs))]
+
+
+def _n_threads() -> int:
+    import os
+
+    from .cluster import active_client
+
+    client = active_client()
+    if client is not None:
+        try:
+            return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+        except Exception:  # pragma: no cover
+            return 1
+    return os.cpu_count() or 1

@@ -19,7 +19,7 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -343,49 +343,71 @@ def fsc(
         seed = int(np.random.default_rng().integers(0, 2**31))
     limit = bool(d_min) or drop_nyquist_planes
 
-    def spec(vol: xr.DataArray) -> spectral.Spectrum:
-        s = spectral.rfft(vol, strategy=strategy)
+    def limited(s: spectral.Spectrum) -> spectral.Spectrum:
         if limit:
             s = spectral.apply(_limit_kernel, s, with_index=True, shape=shape, d_min=d_min,
                                drop_nyquist_planes=drop_nyquist_planes)
         return s
 
-    S1, S2 = spec(half1), spec(half2)
+    def spec(vol: xr.DataArray) -> spectral.Spectrum:
+        return limited(spectral.rfft(vol, strategy=strategy))
+
+    def pair_sums(*pairs) -> list[spectral.ShellSums]:
+        return spectral.shell_sums_many(pairs, hermitian_weights=hermitian_weights)
+
+    def curve(su: spectral.ShellSums) -> np.ndarray:
+        return K.fsc_from_sums(su.sum_f1f2, su.sum_f1sq, su.sum_f2sq)
+
     sums: dict[str, spectral.ShellSums] = {}
-    sums["unmasked"] = spectral.shell_sums(S1, S2, hermitian_weights=hermitian_weights)
-    f_un = K.fsc_from_sums(sums["unmasked"].sum_f1f2, sums["unmasked"].sum_f1sq, sums["unmasked"].sum_f2sq)
     notes: list[str] = []
     f_m = f_r = None
     rand_at: int | None = None
     part = None
-    final = f_un
     if mask is None:
-        corrected = f_un
+        (sums["unmasked"],) = pair_sums((spec(half1), spec(half2)))
+        f_un = curve(sums["unmasked"])
+        final = corrected = f_un
     else:
         frac = _check_mask(mask)
-        sums["masked"] = spectral.shell_sums(spec(_masked(half1, mask)), spec(_masked(half2, mask)),
-                                             hermitian_weights=hermitian_weights)
-        f_m = K.fsc_from_sums(sums["masked"].sum_f1f2, sums["masked"].sum_f1sq, sums["masked"].sum_f2sq)
+        # the raw spectra serve the unmasked FSC and the phase randomisation: when
+        # they fit in memory (gather strategy) they are transformed once and kept
+        R1, R2 = spectral.rfft(half1, strategy=strategy), spectral.rfft(half2, strategy=strategy)
+        if R1.is_lazy and spectral.choose_strategy(shape, strategy) == "gather":
+            from ..engine.cluster import persist
+
+            d1, d2 = persist(R1.data, R2.data, progress=False, label="half-map FFTs")
+            R1, R2 = replace(R1, data=d1), replace(R2, data=d2)
+        un_pair = (limited(R1), limited(R2))
+        ma_pair = (spec(_masked(half1, mask)), spec(_masked(half2, mask)))
+
+        def randomized_pair(at: int):
+            out = []
+            for h, (vol, R) in enumerate(((half1, R1), (half2, R2))):
+                Q = spectral.apply(_randomize_kernel, R, with_index=True, shape=shape, box_edge=L, randomize_at=at,
+                                   seed=2 * int(seed) + h, hermitian_consistent=hermitian_consistent)
+                chunks = vol.data.chunks if not isinstance(vol.data, np.ndarray) and hasattr(vol.data, "chunks") \
+                    else None
+                rv = spectral.irfft(Q, chunks=chunks)
+                out.append(spec(_masked(like(vol, rv.data), mask)))
+            return tuple(out)
+
         if randomize_at_resolution is not None:
             rand_at = int(L / randomize_at_resolution)
+            sums["unmasked"], sums["masked"], sums["randomized"] = pair_sums(un_pair, ma_pair,
+                                                                             randomized_pair(rand_at))
+            f_un = curve(sums["unmasked"])
         else:
+            sums["unmasked"], sums["masked"] = pair_sums(un_pair, ma_pair)
+            f_un = curve(sums["unmasked"])
             rand_at = K.randomize_from_shell(f_un, threshold=randomize_at_fsc)
             if rand_at is None:
                 raise ParameterError(
                     f"the unmasked FSC never drops below randomize_at_fsc={randomize_at_fsc}; "
                     "give randomize_at_resolution (Å) instead"
                 )
-        rand_specs = []
-        for h, vol in enumerate((half1, half2)):
-            R = spectral.apply(_randomize_kernel, spectral.rfft(vol, strategy=strategy), with_index=True,
-                               shape=shape, box_edge=L, randomize_at=rand_at, seed=2 * int(seed) + h,
-                               hermitian_consistent=hermitian_consistent)
-            chunks = vol.data.chunks if hasattr(vol.data, "chunks") and not isinstance(vol.data, np.ndarray) else None
-            rv = spectral.irfft(R, chunks=chunks)
-            rand_specs.append(spec(_masked(like(vol, rv.data), mask)))
-        sums["randomized"] = spectral.shell_sums(*rand_specs, hermitian_weights=hermitian_weights)
-        f_r = K.fsc_from_sums(sums["randomized"].sum_f1f2, sums["randomized"].sum_f1sq,
-                              sums["randomized"].sum_f2sq)
+            (sums["randomized"],) = pair_sums(randomized_pair(rand_at))
+        f_m = curve(sums["masked"])
+        f_r = curve(sums["randomized"])
         corrected = K.corrected_fsc(f_m, f_r, rand_at)
         final = corrected
         c_un = K.resolution_crossing(f_un, box_edge=L, threshold=0.143, nyquist=nyq_res)
