@@ -57,6 +57,7 @@ __all__ = [
     "ShellSums",
     "shell_sums",
     "shell_sums_many",
+    "local_scheduler",
     "radial_profile",
     "choose_strategy",
     "worker_memory_limit",
@@ -902,7 +903,7 @@ def shell_sums_many(pairs, *, hermitian_weights: bool = False, amplitudes: bool 
                             meta=np.empty((0, 0, 0, 0, 0, 0), np.float64))
         from .cluster import compute
 
-        (arr,) = compute(per.sum(axis=(0, 1, 2)), progress=progress, label="shell sums")
+        (arr,) = compute(per.sum(axis=(0, 1, 2)), progress=progress, label="shell sums", **local_scheduler())
     arr = np.asarray(arr)
     return [_make_sums(arr[p], ref, hermitian_weights) for p in range(len(ipairs))]
 
@@ -919,3 +920,21 @@ def _n_threads() -> int:
         except Exception:  # pragma: no cover
             return 1
     return os.cpu_count() or 1
+
+
+def local_scheduler() -> dict:
+    """``{"scheduler": dask.threaded.get}`` when the threaded scheduler would run anyway, else ``{}``.
+
+    Passed to ``dask.compute``/``persist``: naming the threaded scheduler by
+    its function skips dask's look-up of a distributed Client, which imports
+    ``distributed`` (~0.5 s of a short command-line run).
+    """
+    import dask
+
+    from .cluster import active_client
+
+    if active_client() is None and dask.config.get("scheduler", None) in (None, "threads", "threading"):
+        import dask.threaded
+
+        return {"scheduler": dask.threaded.get}
+    return {}

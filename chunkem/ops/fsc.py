@@ -144,15 +144,16 @@ class FSCResult:
 
     def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
         """PNG plot: the curves against 1/Å, the 0.143 line and the resolution marked."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # Figure + Agg canvas directly: no pyplot (lighter import, no global state)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
 
         from ..cli.common import atomic_write_bytes
 
         s = self.frequency
-        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+        fig = Figure(figsize=(7, 4.5), dpi=110)
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
         ax.plot(s, self.fsc_unmasked, label="unmasked", color="tab:blue")
         if self.fsc_masked is not None:
             ax.plot(s, self.fsc_masked, label="masked", color="tab:orange")
@@ -180,7 +181,6 @@ class FSCResult:
         buf = io.BytesIO()
         fig.tight_layout()
         fig.savefig(buf, format="png")
-        plt.close(fig)
         atomic_write_bytes(Path(path), buf.getvalue())
         return Path(path)
 
@@ -223,7 +223,7 @@ def _check_mask(mask: xr.DataArray, name: str = "mask") -> float:
         from ..engine.cluster import compute
 
         mn, mx, frac, finite = compute(data.min(), data.max(), (data > 0.5).mean(), da.isfinite(data).all(),
-                                       progress=False, label="mask check")
+                                       progress=False, label="mask check", **spectral.local_scheduler())
         mn, mx, frac, finite = float(mn), float(mx), float(frac), bool(finite)
     if not finite:
         raise DataValueError(f"{name}: mask holds NaN or Inf values")
@@ -375,7 +375,8 @@ def fsc(
         if R1.is_lazy and spectral.choose_strategy(shape, strategy) == "gather":
             from ..engine.cluster import persist
 
-            d1, d2 = persist(R1.data, R2.data, progress=False, label="half-map FFTs")
+            d1, d2 = persist(R1.data, R2.data, progress=False, label="half-map FFTs",
+                             **spectral.local_scheduler())
             R1, R2 = replace(R1, data=d1), replace(R2, data=d2)
         un_pair = (limited(R1), limited(R2))
         ma_pair = (spec(_masked(half1, mask)), spec(_masked(half2, mask)))
