@@ -256,6 +256,40 @@ def test_fsc_chunk_and_strategy_invariant(phantom):
     assert not np.allclose(other.fsc_randomized[ref.randomize_at + 1:], ref.fsc_randomized[ref.randomize_at + 1:])
 
 
+def test_masked_fsc_transforms_each_half_map_once(phantom, monkeypatch):
+    """Gathered maps: 2 half-map FFTs (kept for the randomisation), 2 masked, 2 randomised masked,
+    2 inverse FFTs -- and the same curves as from the in-memory halves."""
+    from chunkem.engine import spectral
+
+    calls = {"rfftn": 0, "irfftn": 0}
+    fwd, inv = spectral._rfftn_block, spectral._irfftn_block
+
+    def count_fwd(x):
+        calls["rfftn"] += 1
+        return fwd(x)
+
+    def count_inv(f, shape):
+        calls["irfftn"] += 1
+        return inv(f, shape)
+
+    ph = phantom
+    ref = _quiet(ph.half1, ph.half2, mask=ph.mask, seed=2)
+    monkeypatch.setattr(spectral, "_rfftn_block", count_fwd)
+    monkeypatch.setattr(spectral, "_irfftn_block", count_inv)
+    r = _quiet(ph.half1.chunk(30), ph.half2.chunk(30), mask=ph.mask.chunk(30), seed=2, strategy="gather")
+    assert calls == {"rfftn": 6, "irfftn": 2}
+    for name in ("fsc_unmasked", "fsc_masked", "fsc_randomized", "fsc_corrected"):
+        np.testing.assert_allclose(getattr(r, name), getattr(ref, name), atol=1e-5, err_msg=name)
+    # a given randomisation resolution: one compute for all three curves, same numbers
+    calls.update(rfftn=0, irfftn=0)
+    at = r.box_edge / r.randomize_at
+    r2 = _quiet(ph.half1.chunk(30), ph.half2.chunk(30), mask=ph.mask.chunk(30), seed=2, strategy="gather",
+                randomize_at_resolution=at)
+    assert calls == {"rfftn": 6, "irfftn": 2}
+    assert r2.randomize_at == r.randomize_at
+    np.testing.assert_allclose(r2.fsc_corrected, r.fsc_corrected, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- reports and errors
 def test_result_reports(phantom, tmp_path):
     r = _quiet(phantom.half1, phantom.half2, mask=phantom.mask)
