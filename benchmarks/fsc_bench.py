@@ -22,7 +22,7 @@ Usage::
 
     python benchmarks/fsc_bench.py                       # 128 256 (installs peers on first run)
     python benchmarks/fsc_bench.py --sizes 128 256 512
-    python benchmarks/fsc_bench.py --sizes 1024 --peers  # chunkem only: slab FFT path
+    python benchmarks/fsc_bench.py --sizes --peers --slab-sizes 1024   # chunkem only: slab path, out of core
     CHUNKEM_BENCH_CACHE=/scratch/bench python benchmarks/fsc_bench.py
 
 Prints one table; also writes it as TSV in the work folder.
@@ -145,13 +145,44 @@ def make_big_maps(size: int, folder: Path, seed: int = 0, chunk: int = 128) -> t
 
 
 # --------------------------------------------------------------------------- timing
-def timed(cmd, cwd: Path, log: Path) -> dict:
+def _tree_rss(proc) -> tuple[int, int]:
+    """(sum, max) RSS in bytes over a psutil process and all its descendants."""
+    import psutil
+
+    total = largest = 0
+    try:
+        procs = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0, 0
+    for p in procs:
+        try:
+            r = p.memory_info().rss
+        except psutil.Error:
+            continue
+        total += r
+        largest = max(largest, r)
+    return total, largest
+
+
+def timed(cmd, cwd: Path, log: Path, env: dict | None = None) -> dict:
+    """Run ``cmd`` under ``/usr/bin/time -v``; wall time, peak RSS (largest process), and the
+    peak RSS summed over the whole process tree (psutil, sampled every 0.2 s: workers included)."""
+    import psutil
+
     tfile = log.with_suffix(".time")
+    tree_peak = proc_peak = 0
     with open(log, "w") as fh:
-        rc = subprocess.run(["/usr/bin/time", "-v", "-o", str(tfile)] + [str(c) for c in cmd], cwd=cwd,
-                            stdout=fh, stderr=subprocess.STDOUT).returncode
+        p = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(tfile)] + [str(c) for c in cmd], cwd=cwd,
+                             stdout=fh, stderr=subprocess.STDOUT, env=env)
+        pp = psutil.Process(p.pid)
+        while p.poll() is None:
+            tot, big = _tree_rss(pp)
+            tree_peak, proc_peak = max(tree_peak, tot), max(proc_peak, big)
+            time.sleep(0.2)
+        rc = p.returncode
     text = tfile.read_text() if tfile.exists() else ""
-    out = {"rc": rc, "wall_s": float("nan"), "rss_mb": float("nan")}
+    out = {"rc": rc, "wall_s": float("nan"), "rss_mb": float("nan"), "tree_mb": tree_peak / 2**20,
+           "largest_proc_mb": proc_peak / 2**20}
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
     if m:
         s = 0.0
@@ -213,11 +244,17 @@ def agreement(h1: Path, h2: Path, apix: float, peer: str, out: Path) -> tuple[fl
 # --------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--peers", nargs="*", default=["emda", "servalcat"], help="peers to run (none: chunkem only)")
     ap.add_argument("--cache", default=os.environ.get("CHUNKEM_BENCH_CACHE", str(Path.home() / ".cache" / "chunkem-bench")))
     ap.add_argument("--work", default=None, help="folder for maps and outputs (default CACHE/work)")
     ap.add_argument("--fft-strategy", default="auto", choices=["auto", "gather", "slab"])
+    ap.add_argument("--slab-sizes", type=int, nargs="*", default=[],
+                    help="also run chunkem alone with --fft-strategy slab on out-of-core OME-Zarr half maps of "
+                         "these edges (e.g. 1024), written chunk by chunk, never whole in memory")
+    ap.add_argument("--slab-compute", nargs=argparse.REMAINDER, default=None,
+                    help="compute flags for the slab runs (default: --cluster local --workers 2 "
+                         "--threads-per-worker 1 --memory-limit 3GB); must come last")
     args = ap.parse_args(argv)
     cache = Path(args.cache)
     work = Path(args.work) if args.work else cache / "work"
@@ -228,6 +265,7 @@ def main(argv=None) -> int:
     if "emda" in args.peers:
         exe["emda"] = setup_emda(cache)
     chunkem = Path(PY).parent / "chunkem"
+    load0 = os.getloadavg()
     rows = []
     for size in args.sizes:
         t = time.perf_counter()
@@ -248,13 +286,28 @@ def main(argv=None) -> int:
                 row["max_dfsc"], row["res_chunkem"], row["res_peer"] = agreement(h1, h2, apix, tool, out)
             rows.append(row)
             print(row, flush=True)
-    head = f"{'size':>5} {'tool':<10} {'rc':>3} {'wall s':>8} {'peak MB':>8} {'max|ΔFSC|':>10} {'res chunkem':>12} {'res peer':>9}"
+    slab_flags = args.slab_compute if args.slab_compute else ["--cluster", "local", "--workers", "2",
+                                                               "--threads-per-worker", "1", "--memory-limit", "3GB"]
+    for size in args.slab_sizes:
+        t = time.perf_counter()
+        h1, h2, apix = make_big_maps(size, work / "bigmaps")
+        print(f"out-of-core maps {size}³ ready ({time.perf_counter() - t:.1f} s)", flush=True)
+        cmd = [chunkem, "fsc", h1, h2, "-o", work / f"chunkem_slab_{size}", "--no-progress", "--fft-strategy", "slab",
+               *slab_flags]
+        res = timed(cmd, work, work / f"chunkem_slab_{size}.log")
+        row = {"size": size, "tool": "chunkem-slab", **res, "max_dfsc": float("nan"), "res_chunkem": float("nan"),
+               "res_peer": float("nan")}
+        rows.append(row)
+        print(row, "flags:", " ".join(slab_flags), flush=True)
+    print(f"load average before/after: {load0} / {os.getloadavg()}")
+    head = f"{'size':>5} {'tool':<12} {'rc':>3} {'wall s':>8} {'peak MB':>8} {'tree MB':>8} {'max|ΔFSC|':>10} {'res chunkem':>12} {'res peer':>9}"
     lines = [head, "-" * len(head)]
-    tsv = ["size\ttool\trc\twall_s\tpeak_mb\tmax_dfsc\tres_chunkem_A\tres_peer_A"]
+    tsv = ["size\ttool\trc\twall_s\tpeak_mb\ttree_peak_mb\tmax_dfsc\tres_chunkem_A\tres_peer_A"]
     for r in rows:
-        lines.append(f"{r['size']:>5} {r['tool']:<10} {r['rc']:>3} {r['wall_s']:>8.2f} {r['rss_mb']:>8.0f} "
+        lines.append(f"{r['size']:>5} {r['tool']:<12} {r['rc']:>3} {r['wall_s']:>8.2f} {r['rss_mb']:>8.0f} "
+                     f"{r['tree_mb']:>8.0f} "
                      f"{r['max_dfsc']:>10.4f} {r['res_chunkem']:>12.2f} {r['res_peer']:>9.2f}")
-        tsv.append("\t".join(str(r[k]) for k in ("size", "tool", "rc", "wall_s", "rss_mb", "max_dfsc",
+        tsv.append("\t".join(str(r[k]) for k in ("size", "tool", "rc", "wall_s", "rss_mb", "tree_mb", "max_dfsc",
                                                   "res_chunkem", "res_peer")))
     print("\n".join(lines))
     (work / "fsc_bench.tsv").write_text("\n".join(tsv) + "\n")

@@ -59,6 +59,28 @@ def _import_matplotlib() -> None:
         pass
 
 
+def _fits_in_threads(args: argparse.Namespace, shape: tuple[int, int, int]) -> bool:
+    """Whether ``--cluster auto`` should mean the threaded scheduler for this FSC.
+
+    The FSC reads each half map once and reduces it: its working set is about
+    both half maps plus both half-space spectra. When that fits in a quarter
+    of the available memory, threads in this process beat an embedded
+    LocalCluster (no worker start-up, no transfers); beyond, ``auto`` keeps
+    its choice (a LocalCluster whose workers can spill to disk).
+    """
+    if args.scheduler or args.cluster:
+        return False
+    from .. import config
+
+    if config.get("scheduler", None) or (config.get("cluster", None) or "auto") != "auto":
+        return False
+    import psutil
+
+    nz, ny, nx = shape
+    need = 2 * nz * ny * nx * 4 + 2 * nz * ny * (nx // 2 + 1) * 8
+    return need < 0.25 * psutil.virtual_memory().available
+
+
 def main(args: argparse.Namespace) -> int:
     from ..io import open_map
     from ..ops.fsc import fsc
@@ -70,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
     # matplotlib (for the PNG) imports on a side thread while the FFTs run
     warm = threading.Thread(target=_import_matplotlib, daemon=True)
     warm.start()
+    if _fits_in_threads(args, tuple(int(n) for n in h1.shape)):
+        args.cluster = "threads"
     with compute_session(args, nbytes_hint=int(h1.size) * 4) as session:
         print(f"chunkem fsc: {args.half1} {tuple(h1.shape)} on {session.describe()}")
         with warnings.catch_warnings(record=True) as caught:

@@ -70,7 +70,8 @@ class FSCResult:
         (vz, vy, vx) Å.
     sums
         The engine's shell sums per curve (``"unmasked"``, ``"masked"``,
-        ``"randomized"``), for re-binning onto another program's shells.
+        ``"randomized"``), for re-binning onto another program's shells
+        (count and the FSC sums; ``sum_abs_f1`` is not computed here and is 0).
     warnings
         Sanity-check messages.
     """
@@ -353,7 +354,7 @@ def fsc(
         return limited(spectral.rfft(vol, strategy=strategy))
 
     def pair_sums(*pairs) -> list[spectral.ShellSums]:
-        return spectral.shell_sums_many(pairs, hermitian_weights=hermitian_weights)
+        return spectral.shell_sums_many(pairs, hermitian_weights=hermitian_weights, amplitudes=False)
 
     def curve(su: spectral.ShellSums) -> np.ndarray:
         return K.fsc_from_sums(su.sum_f1f2, su.sum_f1sq, su.sum_f2sq)

@@ -116,3 +116,25 @@ def test_help_states_the_b_sign(capsys):
             main([verb, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "exp(-B s²/4)" in text and "sharpens" in text
+
+
+def test_fsc_cli_auto_cluster_is_threads_only_when_the_working_set_fits(monkeypatch):
+    import argparse
+
+    import dask
+    import psutil
+
+    from chunkem.cli import fsc as cli_fsc
+
+    class _Mem:
+        available = 10 * 2**30
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: _Mem())
+    auto = argparse.Namespace(scheduler=None, cluster=None)
+    # 512³: 2 maps (1 GiB) + 2 half spectra (~1 GiB) < 2.5 GiB = a quarter of 10 GiB
+    assert cli_fsc._fits_in_threads(auto, (512, 512, 512))
+    assert not cli_fsc._fits_in_threads(auto, (1024, 1024, 1024))  # ~16 GiB: keep auto (spilling workers)
+    assert not cli_fsc._fits_in_threads(argparse.Namespace(scheduler=None, cluster="local"), (64, 64, 64))
+    assert not cli_fsc._fits_in_threads(argparse.Namespace(scheduler="tcp://x:1", cluster=None), (64, 64, 64))
+    with dask.config.set({"chunkem.cluster": "slurm"}):
+        assert not cli_fsc._fits_in_threads(auto, (64, 64, 64))
