@@ -214,12 +214,13 @@ def _ifft_z_block(f: np.ndarray) -> np.ndarray:
 
 
 def _slab_bytes() -> int:
-    """Bytes per slab / pencil: the ``chunkem.fft-slab-bytes`` setting, at most 1/16
-    of the smallest worker memory limit on a distributed cluster."""
+    """Bytes per slab / pencil: the ``chunkem.fft-slab-bytes`` setting, at most 1/32
+    of the smallest worker memory limit on a distributed cluster (a task holds a few
+    slab-sized arrays at once, next to the worker's own ~250 MB and its transfer buffers)."""
     target = int(config.get("fft-slab-bytes", 64 * 2**20))
     mem = worker_memory_limit()
     if mem is not None:
-        target = min(target, mem // 16)
+        target = min(target, mem // 32)
     return max(1, target)
 
 
@@ -798,8 +799,7 @@ def _piece_sums_many(fs, pairs, *, shape, vs, index, hermitian, nshell, amplitud
 
     def sq(i):
         if i not in power:
-            f = fs[i]
-            power[i] = f.real * f.real + f.imag * f.imag
+            power[i] = np.square(np.abs(fs[i]))
         return power[i]
 
     out = np.zeros((len(pairs), 6, nshell), dtype=np.float64)
@@ -808,13 +808,12 @@ def _piece_sums_many(fs, pairs, *, shape, vs, index, hermitian, nshell, amplitud
         a2 = np.bincount(idx, weights=weighted(sq(i)), minlength=nb)[:nshell]
         out[p, 2] = a2
         if amplitudes:
-            out[p, 4] = np.bincount(idx, weights=weighted(np.sqrt(sq(i))), minlength=nb)[:nshell]
+            out[p, 4] = np.bincount(idx, weights=weighted(np.abs(fs[i])), minlength=nb)[:nshell]
         if j is None:
             out[p, 1] = a2
             out[p, 3] = a2
         else:
-            a, b = fs[i], fs[j]
-            cross = a.real * b.real + a.imag * b.imag
+            cross = (fs[i] * fs[j].conj()).real  # Re(F1 F2*)
             out[p, 1] = np.bincount(idx, weights=weighted(cross), minlength=nb)[:nshell]
             out[p, 3] = np.bincount(idx, weights=weighted(sq(j)), minlength=nb)[:nshell]
     return out
@@ -828,12 +827,38 @@ class _BlockShellsMany:
     def __call__(self, *blocks, block_id=None):
         index = tuple(self.starts[ax][block_id[ax]] for ax in range(3)) if block_id is not None else (0, 0, 0)
         out = np.zeros((len(self.pairs), 6, self.nshell), dtype=np.float64)
+        _, by, bx = blocks[0].shape
         for z0, z1 in _z_pieces(blocks[0].shape, itemsize=8 * max(1, len(blocks))):
-            sub = [np.asarray(b[z0:z1]).astype(np.complex64, copy=False) for b in blocks]
-            out += _piece_sums_many(sub, self.pairs, shape=self.shape, vs=self.vs,
-                                    index=(index[0] + z0, index[1], index[2]), hermitian=self.hermitian,
-                                    nshell=self.nshell, amplitudes=self.amplitudes)
+            at = (index[0] + z0, index[1], index[2])
+            for (y0, y1), (x0, x1) in _inside_ranges(self.shape, self.vs, at, (z1 - z0, by, bx), self.nshell):
+                sub = [np.ascontiguousarray(b[z0:z1, y0:y1, x0:x1], dtype=np.complex64) for b in blocks]
+                out += _piece_sums_many(sub, self.pairs, shape=self.shape, vs=self.vs,
+                                        index=(at[0], at[1] + y0, at[2] + x0), hermitian=self.hermitian,
+                                        nshell=self.nshell, amplitudes=self.amplitudes)
         return out[None, None, None]
+
+
+def _runs(ok: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous ``[start, stop)`` runs of True in a 1-D boolean array."""
+    d = np.diff(np.concatenate(([0], ok.astype(np.int8), [0])))
+    return list(zip(np.nonzero(d == 1)[0].tolist(), np.nonzero(d == -1)[0].tolist()))
+
+
+def _inside_ranges(shape, vs, index, bshape, nshell) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(y, x) slices of a block piece that can hold voxels of shells ``0 … nshell-1``.
+
+    A voxel is in a shell when ``|s| < (nshell - 0.5) / L``; so its ``ky²``
+    and ``kx²`` are below that bound squared minus the piece's smallest
+    ``kz²``. The slices are a superset (the exact shell index is still
+    worked out per voxel): they only spare the corners beyond the last shell
+    (about half the rfft half-space of a cube) the products and bincounts.
+    """
+    kz, ky, kx = frequencies(shape, vs, index=index, block_shape=bshape)
+    smax2 = ((nshell - 0.5) / _box_length(shape, vs)) ** 2 * (1 + 1e-9)
+    rem = smax2 - float((kz**2).min())
+    if rem < 0:
+        return []
+    return [(y, x) for y in _runs(ky.ravel() ** 2 <= rem) for x in _runs(kx.ravel() ** 2 <= rem)]
 
 
 def shell_sums_many(pairs, *, hermitian_weights: bool = False, amplitudes: bool = True,
