@@ -16,7 +16,7 @@ a pipeline that then writes to disk).
 Part 2, out of core: a ``Z Y X`` float32 volume (default 512 × 2048 × 2048,
 8.6 GB) is written to an OME-Zarr store, then low-passed end to end (read →
 slab FFT → multiplier → inverse → write to a new store) on a LocalCluster of
-``--ooc-workers`` workers with ``--ooc-memory`` each (default 2 × 1.5 GB, the
+``--ooc-workers`` workers with ``--ooc-memory`` each (default 2 × 1 GB, the
 volume is several times larger than the whole cluster's memory). Reported:
 wall time, throughput (input MB / s), peak RSS of each worker process
 (sampled every 0.2 s) and whether any worker died.
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ooc", type=int, nargs=3, default=[512, 2048, 2048], metavar=("Z", "Y", "X"))
     p.add_argument("--no-ooc", action="store_true", help="skip the out-of-core run")
     p.add_argument("--ooc-workers", type=int, default=2)
-    p.add_argument("--ooc-memory", default="1.5GB", help="memory limit per worker for the out-of-core run")
+    p.add_argument("--ooc-memory", default="1GB", help="memory limit per worker for the out-of-core run")
     p.add_argument("--ooc-chunks", type=int, default=64, help="z-chunk of the input store (y, x chunks 256)")
     p.add_argument("--workdir", default=None, help="folder for the out-of-core stores (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the out-of-core stores")

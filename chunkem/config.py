@@ -44,11 +44,13 @@ DEFAULTS: dict[str, Any] = {
     "threads-max-voxels": 512**3,
     "slurm": {},
     "progress": True,
+    # dask rechunk method inside chunkem sessions: "tasks" | "p2p" | "auto" (dask decides)
+    "rechunk-method": "tasks",
     # seconds a computation must run before its progress bar shows
     "progress-minimum": 1.0,
     # timeout for connecting to a scheduler given by address
     "connect-timeout": "20s",
-    # dashboard address for an embedded LocalCluster (None = no dashboard)
+    # dashboard address for an embedded LocalCluster (None = no dashboard, e.g. ":8787")
     "dashboard": None,
 }
 

@@ -27,6 +27,13 @@ cluster kind is requested, it is reused and left open.
 Defaults come from the ``chunkem.*`` dask.config settings (see
 :mod:`chunkem.config`), e.g. ``DASK_CHUNKEM__SCHEDULER=tcp://host:8786``.
 
+Rechunking (the transposes of the slab FFT) uses dask's task-based method
+inside sessions made here (``chunkem.rechunk-method``, default ``"tasks"``;
+``"p2p"`` or ``"auto"`` to let dask choose): on workers with a few GB its
+data is managed and spilled by the scheduler, whereas P2P's transfer buffers
+count as unmanaged memory and got small workers killed in our measurements.
+The embedded LocalCluster also caps the P2P buffers (:func:`worker_settings`).
+
 :func:`compute` is ``dask.compute`` with a progress bar that works on either
 kind of scheduler (``dask.diagnostics.ProgressBar`` on threads,
 ``distributed.progress`` on a Client).
@@ -58,6 +65,7 @@ __all__ = [
     "slurm_cluster",
     "read_cluster_config",
     "local_cluster_size",
+    "worker_settings",
 ]
 
 KINDS = ("auto", "threads", "local", "slurm")
@@ -134,6 +142,30 @@ def local_cluster_size(
         raise ParameterError(f"--workers must be at least 1, got {nw}")
     mem = _parse_bytes(memory_limit)
     return {"n_workers": nw, "threads_per_worker": tpw, "memory_limit": mem if mem is not None else "auto"}
+
+
+def worker_settings(size: dict) -> dict:
+    """dask.config settings for workers of ``size`` (see :func:`local_cluster_size`).
+
+    P2P rechunking (the all-to-all transposes of the slab FFT) buffers up to
+    1 GiB per worker in memory by default, more than a small worker holds:
+    cap the send buffer at 1/16 and the disk-write buffer at 1/32 of the
+    worker memory limit, so that big maps stream through bounded memory.
+    """
+    mem = size.get("memory_limit")
+    if mem in (None, "auto"):
+        try:
+            import psutil
+
+            total = psutil.virtual_memory().total
+        except ImportError:  # pragma: no cover
+            return {}
+        mem = total // max(1, int(size.get("n_workers") or 1))
+    mem = int(mem)
+    return {
+        "distributed.p2p.comm.buffer": int(min(2**30, max(16 * 2**20, mem // 16))),
+        "distributed.p2p.storage.buffer": int(min(100 * 2**20, max(8 * 2**20, mem // 32))),
+    }
 
 
 def read_cluster_config(path: str | os.PathLike) -> dict:
@@ -241,12 +273,19 @@ def active_client():
         return None
 
 
+def _rechunk_settings() -> dict:
+    """``array.rechunk.method`` from the ``chunkem.rechunk-method`` setting ("auto": dask decides)."""
+    method = config.get("rechunk-method", "tasks")
+    return {} if method in (None, "auto") else {"array.rechunk.method": method}
+
+
 @contextlib.contextmanager
 def _client_session(kind: str, client, cluster=None, info=None) -> Iterator[Session]:
     # the Client was made with set_as_default=True: dask.compute uses it. (Do not put the
     # Client object itself into dask.config: nannies pickle the config into restarted workers.)
     try:
-        yield Session(kind, client, cluster, dict(info or {}))
+        with dask.config.set(_rechunk_settings()):
+            yield Session(kind, client, cluster, dict(info or {}))
     finally:
         with contextlib.suppress(Exception):
             client.close(timeout=10)
@@ -333,7 +372,7 @@ def compute_session(
         kind = "threads" if nbytes_hint is None or nbytes_hint // 4 < limit else "local"
 
     if kind == "threads":
-        # "tasks" rechunking: dask would pick P2P (distributed-only) when some Client exists
+        # "tasks" rechunking always: dask would pick P2P (distributed-only) when some Client exists
         settings: dict[str, Any] = {"scheduler": "threads", "array.rechunk.method": "tasks"}
         info: dict[str, Any] = {}
         if threads_per_worker:
@@ -349,12 +388,15 @@ def compute_session(
         from distributed import LocalCluster
 
         size = local_cluster_size(workers=workers, threads_per_worker=threads_per_worker, memory_limit=memory_limit)
-        lc = LocalCluster(
-            processes=True,
-            dashboard_address=config.get("dashboard", None),
-            silence_logs=logging.ERROR,
-            **size,
-        )
+        with dask.config.set(worker_settings(size)):  # passed on to the worker processes
+            dash = config.get("dashboard", None)
+            lc = LocalCluster(
+                processes=True,
+                dashboard_address=dash or ":0",  # no fixed port: several sessions may run at once
+                scheduler_kwargs=None if dash else {"dashboard": False},
+                silence_logs=logging.ERROR,
+                **size,
+            )
         client = Client(lc, set_as_default=True)
         with _client_session("local", client, lc, info=size) as s:
             yield s

@@ -83,10 +83,21 @@ def test_existing_client_is_reused_and_left_open():
             assert s.kind == "existing" and s.client is c
             (out,) = cl.compute(lp, progress=False)
         assert c.status == "running"
-        # an explicit kind wins over the user's client
-        with cl.compute_session(cluster="threads") as s:
+        # an explicit kind wins over the user's client; graphs built there rechunk without P2P
+        with cl.compute_session(cluster="threads") as s, dask.config.set({"chunkem.fft-slab-bytes": 4096}):
             assert s.kind == "threads" and cl.active_client() is None
+            a2 = make_volume(a, voxel_size=1.0).chunk(8)
+            (slab,) = cl.compute(lowpass(a2, resolution=4.0, width=0.0, strategy="slab"), progress=False)
+        np.testing.assert_allclose(slab.values, _lowpass_ref(a), atol=1e-5)
     np.testing.assert_allclose(out.values, _lowpass_ref(a), atol=1e-5)
+
+
+def test_worker_settings_cap_p2p_buffers():
+    ws = cl.worker_settings({"n_workers": 2, "memory_limit": 2 * 10**9})
+    assert ws["distributed.p2p.comm.buffer"] == 2 * 10**9 // 16
+    assert ws["distributed.p2p.storage.buffer"] == 2 * 10**9 // 32
+    big = cl.worker_settings({"n_workers": 1, "memory_limit": 10**12})
+    assert big["distributed.p2p.comm.buffer"] == 2**30  # never above dask's default
 
 
 def test_local_cluster_size_follows_machine():
