@@ -231,7 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Sending large graph")
 
     print(f"machine: {os.cpu_count()} cores; numpy {np.__version__}", file=sys.stderr)
-    rows = part1(args.sizes, args.repeat, not args.no_cluster) if args.sizes else []
+    import dask
+
+    with dask.config.set({"array.rechunk.method": "tasks"}):  # as inside chunkem sessions
+        rows = part1(args.sizes, args.repeat, not args.no_cluster) if args.sizes else []
     ooc = None
     if not args.no_ooc:
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="chunkem-bench-"))

@@ -217,3 +217,19 @@ def test_bad_parameters_raise():
         gaussian_smooth(vol, sigma=-1.0)
     with pytest.raises(ParameterError, match="nothing"):
         filter_volume(vol)
+
+
+def test_demo_stage_improves_agreement_with_truth(tmp_path):
+    from types import SimpleNamespace
+
+    from chunkem.io import open_map
+    from chunkem.ops.filter import demo_stage
+
+    rng = np.random.default_rng(5)
+    truth = make_volume(ndi.gaussian_filter(rng.standard_normal((32, 32, 32)), 3.0) * 10, voxel_size=1.5)
+    half1 = make_volume(truth.values + rng.standard_normal((32, 32, 32)).astype(np.float32), voxel_size=1.5)
+    out = demo_stage({"phantom": SimpleNamespace(truth=truth), "half1": half1.chunk(12), "outdir": tmp_path})
+    assert out["cc_lowpass_truth_lowpass"] > out["cc_half1_truth"]
+    assert out["cc_smooth_truth"] > out["cc_half1_truth"]
+    assert out["bin2_voxel_A"] == pytest.approx(3.0) and out["pyramid_levels"] == 3
+    assert open_map(tmp_path / "engine" / "half1_bin2_pyramid.zarr", level=2).shape == (4, 4, 4)
