@@ -246,7 +246,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--peers", nargs="*", default=["emda", "servalcat"], help="peers to run (none: chunkem only)")
-    ap.add_argument("--cache", default=os.environ.get("CHUNKEM_BENCH_CACHE", str(Path.home() / ".cache" / "chunkem-bench")))
+    ap.add_argument("--cache", default=os.environ.get("CHUNKEM_BENCH_CACHE",
+                                                      str(Path.home() / ".cache" / "chunkem-bench")))
     ap.add_argument("--work", default=None, help="folder for maps and outputs (default CACHE/work)")
     ap.add_argument("--fft-strategy", default="auto", choices=["auto", "gather", "slab"])
     ap.add_argument("--slab-sizes", type=int, nargs="*", default=[],
@@ -300,7 +301,8 @@ def main(argv=None) -> int:
         rows.append(row)
         print(row, "flags:", " ".join(slab_flags), flush=True)
     print(f"load average before/after: {load0} / {os.getloadavg()}")
-    head = f"{'size':>5} {'tool':<12} {'rc':>3} {'wall s':>8} {'peak MB':>8} {'tree MB':>8} {'max|ΔFSC|':>10} {'res chunkem':>12} {'res peer':>9}"
+    head = (f"{'size':>5} {'tool':<12} {'rc':>3} {'wall s':>8} {'peak MB':>8} {'tree MB':>8} {'max|ΔFSC|':>10} "
+            f"{'res chunkem':>12} {'res peer':>9}")
     lines = [head, "-" * len(head)]
     tsv = ["size\ttool\trc\twall_s\tpeak_mb\ttree_peak_mb\tmax_dfsc\tres_chunkem_A\tres_peer_A"]
     for r in rows:
