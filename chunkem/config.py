@@ -43,7 +43,8 @@ DEFAULTS: dict[str, Any] = {
     # maps with fewer voxels than this run on the threaded scheduler in "auto"
     "threads-max-voxels": 512**3,
     "slurm": {},
-    "progress": True,
+    # progress bars: off for library calls, switched on by the CLI (--no-progress)
+    "progress": False,
     # dask rechunk method inside chunkem sessions: "tasks" | "p2p" | "auto" (dask decides)
     "rechunk-method": "tasks",
     # seconds a computation must run before its progress bar shows

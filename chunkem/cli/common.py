@@ -50,11 +50,9 @@ def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None)
 
     from ..engine.cluster import compute_session as _session
 
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = {"chunkem.progress": not getattr(args, "no_progress", False)}
     if getattr(args, "chunks", None):
         overrides["chunkem.chunks"] = int(args.chunks)
-    if getattr(args, "no_progress", False):
-        overrides["chunkem.progress"] = False
     with dask.config.set(overrides), _session(
         scheduler=getattr(args, "scheduler", None),
         cluster=getattr(args, "cluster", None),

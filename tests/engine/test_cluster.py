@@ -38,7 +38,7 @@ def test_threads_session_and_progress_bar(capsys):
         assert s.kind == "threads" and s.client is None
         assert dask.config.get("scheduler") == "threads"
         assert "threads" in s.describe()
-        with dask.config.set({"chunkem.progress-minimum": 0}):
+        with dask.config.set({"chunkem.progress-minimum": 0, "chunkem.progress": True}):
             (out,) = cl.compute(lp, label="lowpass")
     err = capsys.readouterr().err
     assert "100%" in err and "lowpass" in err
@@ -65,7 +65,7 @@ def test_auto_large_map_starts_local_cluster_and_closes_it(capsys):
         assert all(w["nthreads"] == 1 for w in info.values())
         assert all(w["memory_limit"] == 10**9 for w in info.values())
         assert cl.active_client() is s.client
-        (out,) = cl.compute(lp, label="lowpass")
+        (out,) = cl.compute(lp, label="lowpass", progress=True)
         client = s.client
     assert client.status == "closed"
     assert cl.active_client() is None

@@ -109,7 +109,8 @@ def test_connect_by_address_and_progress(cluster, capsys):
         assert s.kind == "address"
         workers = s.client.scheduler_info(n_workers=-1)["workers"]
         assert len(workers) >= 2 and all(w["nthreads"] == 1 for w in workers.values())
-        lp, gs = compute(lowpass(vol, resolution=5.0), gaussian_smooth(vol, sigma=2.0), label="filters")
+        lp, gs = compute(lowpass(vol, resolution=5.0), gaussian_smooth(vol, sigma=2.0), label="filters",
+                         progress=True)
         client = s.client
     assert client.status == "closed"
     assert "100%" in capsys.readouterr().out  # distributed.progress bar
