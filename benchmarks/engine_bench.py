@@ -14,7 +14,10 @@ from an input already held by the workers and leaves the result there (as in
 a pipeline that then writes to disk).
 
 Part 2, out of core: a ``Z Y X`` float32 volume (default 512 × 2048 × 2048,
-8.6 GB) is written to an OME-Zarr store, then low-passed end to end (read →
+8.6 GB) is written to an OME-Zarr store with thin z-chunks (8 × 256 × 256:
+the slab FFT needs whole (y, x) planes, and forming them from deep chunks
+needs a whole chunk row, e.g. 1 GB for 64-deep chunks of 2048² planes, in
+memory or spilled), then low-passed end to end (read →
 slab FFT → multiplier → inverse → write to a new store) on a LocalCluster of
 ``--ooc-workers`` workers with ``--ooc-memory`` each (default 2 × 1 GB, the
 volume is several times larger than the whole cluster's memory). Reported:
@@ -115,7 +118,7 @@ def part1(sizes, repeat: int, use_cluster: bool) -> list[dict]:
     if use_cluster:
         from distributed import Client, LocalCluster
 
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=40)
         client = Client(cluster)  # default client (distributed.wait needs one); threads runs set their scheduler
     try:
@@ -211,6 +214,7 @@ def part2(shape, workers: int, memory: str, workdir: Path, chunks: int) -> dict:
         "mb_per_s": nbytes / 1e6 / wall,
         "peak_worker_rss_mb": [p / 1e6 for p in peaks[:workers]],
         "workers_lost": lost,
+        "worker_processes_seen": len([p for p in rss.peak.values() if p > 100e6]),
         "make_input_s": t_make,
     }
 
@@ -224,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ooc", action="store_true", help="skip the out-of-core run")
     p.add_argument("--ooc-workers", type=int, default=2)
     p.add_argument("--ooc-memory", default="1GB", help="memory limit per worker for the out-of-core run")
-    p.add_argument("--ooc-chunks", type=int, default=64, help="z-chunk of the input store (y, x chunks 256)")
+    p.add_argument("--ooc-chunks", type=int, default=8,
+                   help="z-chunk depth of the input store (y, x chunks 256); thin z-chunks let the slab FFT "
+                        "form full-plane slabs from one chunk row of ~Y*X*depth*4 bytes")
     p.add_argument("--workdir", default=None, help="folder for the out-of-core stores (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the out-of-core stores")
     args = p.parse_args(argv)
@@ -258,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{ooc['workers']} workers × {ooc['memory_limit']}, {ooc['tasks']} tasks")
         print(f"  wall {ooc['wall_s']:.1f} s, throughput {ooc['mb_per_s']:.1f} MB/s, peak worker RSS "
               + ", ".join(f"{m:.0f} MB" for m in ooc["peak_worker_rss_mb"])
-              + f", workers lost: {ooc['workers_lost']}")
+              + f", workers lost: {ooc['workers_lost']}, worker processes seen: {ooc['worker_processes_seen']}")
         fft_rows = [r for r in rows if r["op"].startswith("rfft") and r["strategy"] != "gather"] or \
                    [r for r in rows if r["op"].startswith("rfft")]
         if fft_rows:
