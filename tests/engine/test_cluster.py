@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import dask
-import dask.array as da
 import numpy as np
 import pytest
 import scipy.fft
