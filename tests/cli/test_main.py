@@ -34,7 +34,7 @@ def test_chunkem_error_is_one_line_without_traceback(monkeypatch, capsys):
         ns._verb_main = boom
         return ns
 
-    monkeypatch.setattr(climain, "build_parser", lambda: parser)
+    monkeypatch.setattr(climain, "build_parser", lambda only=None: parser)
     monkeypatch.setattr(parser, "parse_args", parse)
     rc = climain.main(["demo"])
     err = capsys.readouterr().err
@@ -46,3 +46,24 @@ def test_chunkem_error_is_one_line_without_traceback(monkeypatch, capsys):
 def test_no_verb_prints_help(capsys):
     assert climain.main([]) == 1
     assert "chunkem demo" in capsys.readouterr().out
+
+
+def test_running_a_verb_builds_only_that_verb(monkeypatch):
+    built: list[str | None] = []
+    real = climain.build_parser
+
+    def spy(only=None):
+        built.append(only)
+        return real(only)
+
+    monkeypatch.setattr(climain, "build_parser", spy)
+    with pytest.raises(SystemExit):
+        climain.main(["info", "--help"])
+    assert built == ["info"]
+    parser = real("info")
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"info"}
+    # an unknown word falls back to the full parser, which names the valid verbs
+    assert climain._requested_verb(["no-such-verb"]) is None
+    assert climain._requested_verb(["--version"]) is None
+    assert climain._requested_verb(["local-filter", "x.mrc"]) == "local-filter"
