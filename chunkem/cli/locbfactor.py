@@ -7,7 +7,8 @@ plot; a line is fitted per voxel. The local B is written in RELION sign,
 B = 4 × slope (negative for decaying amplitudes; −80 means the local
 amplitudes fall like a decay B of 80 Å²). Writes OUT (local B, Å²),
 OUT_intercept (ln amplitude at s = 0), OUT_r2 (fit quality), OUT.json
-(summary in the mask, global Guinier B, bands, the probes' Guinier points),
+(summary in the mask, global Guinier B of shells and of the same bands, the
+bands, the probes' Guinier points),
 OUT_guinier.png (local Guinier plots at a core, a periphery and a background
 voxel, or --probe voxels) and OUT_slices.png.
 
@@ -74,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
                                                "n_points": res.n_points.data if args.drop_below_noise else None},
                            progress=not args.no_progress)
             glob = guinier_b(vol, resolution_range=tuple(args.resolution_range), mask=mask,
-                             fft_strategy=args.fft_strategy)
+                             fft_strategy=args.fft_strategy, bank=res.bank)
         info = session.to_dict()
     from ..io import open_map
 
@@ -100,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
     jp = write_json(sidecar(out, ".json"), report)
     print(f"local B in the mask (RELION sign): mean {summary.get('mean_b_A2', float('nan')):.1f} Å², "
           f"median {summary.get('median_b_A2', float('nan')):.1f} Å²; global Guinier B {glob.b_relion:.1f} Å² "
+          f"(shells), {glob.b_relion_bands:.1f} Å² (same bands) "
           f"({res.bank.n_bands} bands, {args.resolution_range[0]:g} → {args.resolution_range[1]:g} Å)")
     print(f"wrote {out}, {paths['intercept']}, {paths['quality']}, {jp} and plots in {elapsed:.1f} s")
     return 0

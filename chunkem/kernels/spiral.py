@@ -51,6 +51,7 @@ __all__ = [
     "full_grid_radii",
     "band_norms",
     "band_multiplier",
+    "band_powers",
     "band_filter",
     "quadrature_filter",
     "band_component",
@@ -184,6 +185,35 @@ def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: f
     h *= -np.expm1(d)
     h *= np.float32(scale)
     return h
+
+
+def band_powers(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, nx: int, voxel_x: float,
+                centres: Sequence[float], sigma: float, dc_sigma: float, scales: Sequence[float]) -> np.ndarray:
+    """Full-grid band powers ``Σ_k |F(k)·scale_j·H_j(|k|)|²`` of a block of the rfft half-space, per band.
+
+    The global counterpart of the band bank: with ``"power"`` scales
+    (``1/sqrt(Σ H²)``) entry ``j`` is the mean ``|F|²`` over band ``j``.
+    Half-space voxels are weighted like their Friedel mates (2, except the
+    ``k_x = 0`` plane and, for even ``nx``, the Nyquist plane), so the block
+    sums add up to the full-grid sum. ``nx`` and ``voxel_x`` (Å) are the
+    real-space x size and voxel size. Only voxels within 9 σ of a band's
+    centre are evaluated (the Gaussian is < 1e-17 beyond). Returns float64
+    (n_bands,).
+    """
+    kx1 = np.asarray(kx, dtype=np.float64).ravel()
+    wx = np.full(kx1.shape, 2.0)
+    wx[kx1 == 0] = 1.0
+    if int(nx) % 2 == 0:
+        wx[np.isclose(kx1, 0.5 / float(voxel_x), rtol=1e-9, atol=0)] = 1.0
+    s2 = np.asarray(kz, np.float64) ** 2 + np.asarray(ky, np.float64) ** 2 + kx1.reshape(np.shape(kx)) ** 2
+    s = np.sqrt(s2).ravel()
+    p = (np.abs(np.asarray(F, dtype=np.complex128)) ** 2 * wx.reshape(np.shape(kx))).ravel()
+    out = np.zeros(len(centres), dtype=np.float64)
+    for j, (f, sc) in enumerate(zip(centres, scales)):
+        near = np.abs(s - float(f)) < 9.0 * float(sigma)
+        h = band_profile(s[near], centre=float(f), sigma=float(sigma), dc_sigma=float(dc_sigma)) * float(sc)
+        out[j] = float(np.dot(p[near], h * h))
+    return out
 
 
 def quadrature_components(quadrature: str) -> tuple[str, ...]:

@@ -1270,28 +1270,83 @@ def auto_mask(
 
 @dataclass
 class GuinierResult:
-    """A global Guinier fit (``ln`` mean shell amplitude vs ``s²``); ``b_relion = 4 × slope``."""
+    """A global Guinier fit (``ln`` mean shell amplitude vs ``s²``); ``b_relion = 4 × slope``.
+
+    With a band bank (:func:`guinier_b` ``bank=``) also ``bands``: the
+    band-matched fit, ``ln`` of the RMS amplitude of each band of the bank
+    (the spectrum weighted by ``H_j²``, as the local amplitudes see it)
+    against the band centres ``s_j²`` — the global counterpart of
+    :func:`locbfactor` with the same bands.
+    """
 
     line: K.GuinierLine
     frequency: np.ndarray
     amplitude: np.ndarray
     masked: bool
+    bands: K.GuinierLine | None = None
+    band_amplitude: np.ndarray | None = None
 
     @property
     def b_relion(self) -> float:
         return self.line.b_relion
 
+    @property
+    def b_relion_bands(self) -> float | None:
+        """Band-matched global B (RELION sign, Å²), or None without a bank."""
+        return None if self.bands is None else self.bands.b_relion
+
     def to_dict(self) -> dict[str, Any]:
-        return {**self.line.to_dict(), "masked": self.masked}
+        out = {**self.line.to_dict(), "masked": self.masked}
+        if self.bands is not None:
+            out["band_matched"] = self.bands.to_dict()
+        return out
+
+
+def _band_power_block(F: np.ndarray, start: tuple[int, int, int], *, shape, vs, bank: BandBank) -> np.ndarray:
+    """Band powers of one spectrum block, z-piece by z-piece (bounded float64 temporaries)."""
+    F = np.asarray(F)
+    out = np.zeros(bank.n_bands, dtype=np.float64)
+    step = max(1, int(2**20 // max(1, F.shape[1] * F.shape[2])))
+    for z0 in range(0, F.shape[0], step):
+        piece = F[z0:z0 + step]
+        kz, ky, kx = spectral.frequencies(shape, vs, index=(start[0] + z0, start[1], start[2]),
+                                          block_shape=piece.shape)
+        out += K.band_powers(piece, kz=kz, ky=ky, kx=kx, nx=shape[2], voxel_x=vs[2], centres=bank.centres,
+                             sigma=bank.sigma, dc_sigma=bank.dc_sigma, scales=bank.scales)
+    return out
+
+
+def _band_powers(spec: spectral.Spectrum, bank: BandBank) -> Any:
+    """REDUCE: full-grid band powers of a spectrum (lazy 1-d array for dask spectra, else numpy)."""
+    shape, vs = tuple(spec.shape), tuple(spec.voxel_size)
+    if not spec.is_lazy:
+        return _band_power_block(spec.data, (0, 0, 0), shape=shape, vs=vs, bank=bank)
+    starts = [np.cumsum((0,) + tuple(c[:-1])) for c in spec.data.chunks]
+    blocks = spec.data.to_delayed(optimize_graph=False)
+    parts = [dask.delayed(_band_power_block, pure=True)(blocks[i], tuple(int(starts[a][i[a]]) for a in range(3)),
+                                                        shape=shape, vs=vs, bank=bank)
+             for i in np.ndindex(blocks.shape)]
+    total = dask.delayed(sum, pure=True)(parts)
+    return da.from_delayed(total, shape=(bank.n_bands,), dtype=np.float64)
 
 
 def guinier_b(vol: xr.DataArray, *, resolution_range: Sequence[float], mask: xr.DataArray | None = None,
-              fft_strategy: str = "auto") -> GuinierResult:
+              fft_strategy: str = "auto", bank: BandBank | None = None) -> GuinierResult:
     """Global Guinier B (RELION sign) of a map, optionally multiplied by a (soft) mask; computes.
 
     ``ln`` of the mean Fourier amplitude per shell (00_conventions shells)
     against ``s²`` over ``resolution_range`` (low, high Å), fitted by least
     squares; ``b_relion = 4 × slope`` (negative for decaying amplitudes).
+
+    With ``bank`` (e.g. ``locbfactor(...).bank``) the result also holds the
+    band-matched fit (``bands``): ``ln sqrt(Σ_k |F|² H_j² / Σ_k H_j²)``
+    against ``s_j²`` over the bank's bands. That is the definition to
+    compare the mean local B of :func:`locbfactor` with: band ``j`` sees the
+    spectrum within about ±2σ of ``s_j``, so where the spectrum is not a
+    straight Guinier line near the ends of the range (a map low-pass
+    filtered at the high-resolution end, a sharpened map) the shell fit and
+    the band fit differ although both are correct (see
+    ``tests/ops/test_spiral.py::test_emd3488_local_b_with_a_model_mask``).
     """
     validate_volume(vol)
     low, high = _resolution_range(resolution_range, vol.shape, voxel_size(vol))
@@ -1299,10 +1354,24 @@ def guinier_b(vol: xr.DataArray, *, resolution_range: Sequence[float], mask: xr.
     if mask is not None:
         check_aligned(vol, mask, names=["map", "mask"])
         v = like(vol, vol.data * mask.data.astype(np.float32), name="masked")
-    prof = spectral.radial_profile(spectral.rfft(v, strategy=fft_strategy))
+    spec = spectral.rfft(v, strategy=fft_strategy)
+    prof = spectral.radial_profile(spec)
     amp = prof.mean_amplitude()
     line = K.guinier_fit(prof.frequency, amp, low_res=low, high_res=high)
-    return GuinierResult(line, prof.frequency, amp, mask is not None)
+    res = GuinierResult(line, prof.frequency, amp, mask is not None)
+    if bank is not None:
+        if tuple(bank.shape) != tuple(vol.shape):
+            raise ParameterError(f"guinier_b: the bank is for a {bank.shape} box, the map is {tuple(vol.shape)}")
+        powers = _band_powers(spec, bank)
+        if isinstance(powers, da.Array):
+            from ..engine.cluster import compute
+
+            (powers,) = compute(powers, label="band powers")
+        band_amp = np.sqrt(np.asarray(powers, dtype=np.float64))
+        c = bank.centres
+        res.bands = K.guinier_fit(c, band_amp, low_res=1.0 / c.min(), high_res=1.0 / c.max())
+        res.band_amplitude = band_amp
+    return res
 
 
 # --- plots -----------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def test_locbfactor_cli_writes_maps_report_and_plots(files):
     inside = ph.mask.values > 0.5
     assert rep["summary_in_mask"]["mean_b_A2"] == pytest.approx(float(ref.b_factor.values[inside].mean()), rel=1e-4)
     assert rep["global_guinier_masked"]["b_relion_A2"] < 0
+    assert rep["global_guinier_masked"]["band_matched"]["b_relion_A2"] < 0
     assert set(rep["guinier_points"]) == {"core", "periphery", "background"}
     assert len(rep["guinier_points"]["core"]["s2"]) == 6
     assert "RELION" in rep["b_sign"]

@@ -207,3 +207,26 @@ def test_three_shared_x_sums_equal_six_per_voxel_sums():
     np.testing.assert_allclose(s3, s6, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError):
         K.guinier_update(a3, m, q=0.3, x=0.0, log_scale=0.0, drop_below_noise=True)
+
+
+@pytest.mark.parametrize("shape", [(12, 10, 9), (8, 11, 14)])
+def test_band_powers_equal_full_grid_sums(shape):
+    """Half-space band powers (Friedel weights) == Σ over the full complex grid of |F H|²."""
+    rng = np.random.default_rng(1)
+    vs = (1.1, 0.9, 1.3)
+    x = rng.normal(size=shape)
+    kz, ky, kx = _full_grid(shape, vs)
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    L = K.box_length(shape, vs)
+    centres, sigma, dc = [0.1, 0.2, 0.3], 1.5 / L, K.DC_SIGMA_VOXELS / L
+    scales = [0.5, 1.0, 2.0]
+    full = np.abs(np.fft.fftn(x)) ** 2
+    want = [np.sum(full * (sc * K.band_profile(s, centre=f, sigma=sigma, dc_sigma=dc)) ** 2)
+            for f, sc in zip(centres, scales)]
+    F = np.fft.rfftn(x)
+    hz = np.fft.fftfreq(shape[0], vs[0])[:, None, None]
+    hy = np.fft.fftfreq(shape[1], vs[1])[None, :, None]
+    hx = np.fft.rfftfreq(shape[2], vs[2])[None, None, :]
+    got = K.band_powers(F, kz=hz, ky=hy, kx=hx, nx=shape[2], voxel_x=vs[2], centres=centres, sigma=sigma,
+                        dc_sigma=dc, scales=scales)
+    np.testing.assert_allclose(got, want, rtol=1e-9)
