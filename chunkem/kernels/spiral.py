@@ -54,6 +54,8 @@ __all__ = [
     "band_powers",
     "band_filter",
     "quadrature_filter",
+    "riesz_base",
+    "riesz_component",
     "band_component",
     "QUADRATURES",
     "quadrature_components",
@@ -173,17 +175,25 @@ def band_norms(radii: np.ndarray, counts: np.ndarray, *, centre: float, sigma: f
 
 def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: float, sigma: float,
                     dc_sigma: float, scale: float = 1.0) -> np.ndarray:
-    """Real band multiplier ``scale · H(|k|)`` on broadcastable frequency arrays (1/Å), float32."""
+    """Real band multiplier ``scale · H(|k|)`` on broadcastable frequency arrays (1/Å), float32.
+
+    The DC factor ``1 - exp(-s²/2σ_dc²)`` is evaluated only where it differs
+    from 1 in float32 (``s < 7 σ_dc``); the scale is folded into the
+    exponent. Few passes over the block, no float64 temporaries.
+    """
     kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
-    s = np.sqrt(kz * kz + ky * ky + kx * kx)
-    g = s - np.float32(centre)
-    g *= g
-    g *= np.float32(-1.0 / (2.0 * sigma**2))
-    h = np.exp(g)
-    d = s * s
-    d *= np.float32(-1.0 / (2.0 * dc_sigma**2))
-    h *= -np.expm1(d)
-    h *= np.float32(scale)
+    s = (ky * ky + kx * kx) + kz * kz  # (y, x) plane first, then one full-size pass
+    near = np.nonzero(s < np.float32((7.0 * dc_sigma) ** 2))
+    s_near = s[near].astype(np.float64)
+    np.sqrt(s, out=s)
+    s -= np.float32(centre)
+    s *= s
+    s *= np.float32(-1.0 / (2.0 * sigma**2))
+    if scale != 1.0:
+        s += np.float32(math.log(scale))
+    h = np.exp(s, out=s)
+    if near[0].size:
+        h[near] *= (-np.expm1(-s_near / (2.0 * dc_sigma**2))).astype(np.float32)
     return h
 
 
@@ -290,6 +300,31 @@ def band_component(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndar
     return quadrature_filter(fh, kz=kz, ky=ky, kx=kx, component=component)
 
 
+def riesz_base(FH: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """``FH / |k|`` (0 at k = 0), complex64: shared by the three Riesz components of a band."""
+    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
+    s = (ky * ky + kx * kx) + kz * kz
+    np.sqrt(s, out=s)
+    np.divide(np.float32(1), s, out=s, where=s > 0)  # k = 0 keeps its 0
+    out = np.asarray(FH, dtype=np.complex64) * s
+    return out.astype(np.complex64, copy=False)
+
+
+def riesz_component(FHR: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, component: str
+                    ) -> np.ndarray:
+    """Riesz component ``FHR · (-i k_axis)`` of a :func:`riesz_base` spectrum ``FHR = FH/|k|``.
+
+    Equal to :func:`quadrature_filter` (``FH · (-i k_axis/|k|)``) for
+    ``component`` ``"z" | "y" | "x"``, at the cost of one pass (``k_axis`` is
+    a 1-d broadcast array).
+    """
+    k = {"z": kz, "y": ky, "x": kx}.get(component)
+    if k is None:
+        raise ValueError(f"Riesz component must be 'z', 'y' or 'x', got {component!r}")
+    mult = (np.complex64(-1j) * np.asarray(k, dtype=np.float32)).astype(np.complex64)  # 1-d, purely imaginary
+    return np.multiply(np.asarray(FHR, dtype=np.complex64), mult)
+
+
 def local_amplitude(c: np.ndarray, *quadrature: np.ndarray) -> np.ndarray:
     """Local amplitude ``m = sqrt(c² + Σ r_i²)`` of a band and its quadrature components."""
     acc = np.square(c, dtype=np.float32)
@@ -387,33 +422,35 @@ def guinier_update(acc: np.ndarray, m: np.ndarray, *, q: float, x: float, log_sc
     np.log(y, out=y)
     y += np.float32(log_scale)
     xf = np.float32(x)
-    out = np.array(acc, dtype=np.float32, copy=True)
-    if out.shape[0] == 3:
+    acc = np.asarray(acc, dtype=np.float32)
+    out = np.empty(acc.shape, dtype=np.float32)  # new sums written directly (no copy of acc, then add)
+    if acc.shape[0] == 3:
         if drop_below_noise:
             raise ValueError("drop_below_noise needs the 6 per-voxel sums")
-        out[0] += y
-        out[1] += y * xf
+        np.add(acc[0], y, out=out[0])
+        np.multiply(y, xf, out=out[2])
+        np.add(acc[1], out[2], out=out[1])
         y *= y
-        out[2] += y
+        np.add(acc[2], y, out=out[2])
         return out
     if drop_below_noise:
         w = (y > np.float32(math.log(max(q, _TINY)) + log_scale)).astype(np.float32)
-        out[0] += w
-        out[1] += w * xf
-        out[2] += w * (xf * xf)
+        np.add(acc[0], w, out=out[0])
+        np.add(acc[1], w * xf, out=out[1])
+        np.add(acc[2], w * (xf * xf), out=out[2])
         y *= w
-        out[3] += y
-        out[4] += y * xf
+        np.add(acc[3], y, out=out[3])
+        np.add(acc[4], y * xf, out=out[4])
         y *= y  # (w y)² = w y² for w in {0, 1}
-        out[5] += y
+        np.add(acc[5], y, out=out[5])
         return out
-    out[0] += np.float32(1)
-    out[1] += xf
-    out[2] += xf * xf
-    out[3] += y
-    out[4] += y * xf
+    np.add(acc[0], np.float32(1), out=out[0])
+    np.add(acc[1], xf, out=out[1])
+    np.add(acc[2], xf * xf, out=out[2])
+    np.add(acc[3], y, out=out[3])
+    np.add(acc[4], y * xf, out=out[4])
     y *= y
-    out[5] += y
+    np.add(acc[5], y, out=out[5])
     return out
 
 
@@ -448,8 +485,7 @@ def guinier_solve(acc: np.ndarray, *, x_mean: float, min_points: int = 2,
 def _solve_slab(acc: np.ndarray, *, x_mean: float, min_points: int,
                 x_sums: tuple[float, float, float] | None) -> np.ndarray:
     if acc.shape[0] == 3:
-        sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
-        s0, s1, s2 = (np.full(sy.shape, v, dtype=np.float32) for v in x_sums)  # type: ignore[union-attr]
+        return _solve_slab_shared(acc, x_mean=x_mean, min_points=min_points, x_sums=x_sums)
     else:
         s0, s1, s2, sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
     den = s0 * s2 - s1 * s1
@@ -470,6 +506,40 @@ def _solve_slab(acc: np.ndarray, *, x_mean: float, min_points: int,
     out[1] = a_c - slope * np.float32(x_mean)
     out[2] = r2
     out[3] = s0
+    return out
+
+
+def _solve_slab_shared(acc: np.ndarray, *, x_mean: float, min_points: int, x_sums) -> np.ndarray:
+    """:func:`_solve_slab` when every voxel shares ``(n, Σx, Σx²)``: the determinant is a scalar."""
+    sy, sxy, syy = (np.asarray(a, dtype=np.float32) for a in acc)
+    n, sx, sxx = (float(v) for v in x_sums)
+    out = np.empty((4, *sy.shape), dtype=np.float32)
+    den = n * sxx - sx * sx
+    if n < min_points or not den > 1e-12 * max(n * sxx, 1e-30):
+        out[:3] = np.nan
+        out[3] = n
+        return out
+    slope, icpt, r2 = out[0], out[1], out[2]
+    np.multiply(sxy, np.float32(n / den), out=slope)
+    if sx != 0.0:
+        slope -= sy * np.float32(sx / den)
+    np.multiply(sy, np.float32(1.0 / n), out=icpt)  # centred intercept a_c = (Σy - slope Σx)/n
+    if sx != 0.0:
+        icpt -= slope * np.float32(sx / n)
+    # r² = 1 - ss_res/ss_tot with ss_res = Σy² - a_c Σy - slope Σxy and ss_tot = Σy² - (Σy)²/n
+    ss_tot = np.multiply(sy, sy)
+    ss_tot *= np.float32(-1.0 / n)
+    ss_tot += syy
+    ss_res = np.multiply(icpt, sy)
+    ss_res += slope * sxy
+    np.subtract(syy, ss_res, out=ss_res)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(ss_res, ss_tot, out=r2)
+    np.subtract(np.float32(1), r2, out=r2)
+    r2[~(ss_tot > 0)] = np.nan
+    np.clip(r2, 0, 1, out=r2)
+    icpt -= slope * np.float32(x_mean)
+    out[3] = n
     return out
 
 

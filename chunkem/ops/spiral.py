@@ -374,26 +374,50 @@ def _gate(spec: spectral.Spectrum, dep: da.Array | None) -> spectral.Spectrum:
     return replace(spec, data=data)
 
 
-def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None) -> tuple[da.Array, da.Array]:
-    """Band ``j``: the band-passed map ``c`` and local amplitude ``m`` (lazy).
+def _inner_chunks(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Real-space chunks of the per-band arrays: whole (y, x) planes in z-slabs of <= 64 MB, >= 4 slabs.
 
-    One pointwise filter of the shared spectrum (``F·H_j``), then the
-    quadrature multipliers applied to that, one inverse FFT each. The
-    inverse FFTs run one after another, each squared into the running
-    ``c² + Σ r²`` before the next starts, so one band never holds more than
-    two full real maps besides ``c`` (each FFT uses every core anyway).
+    A gathered inverse FFT returns one C-ordered block; z-slabs of it are
+    views (no copy, unlike cubic chunks), and the slab FFT path makes slabs
+    anyway. The ops rechunk their outputs to the input's chunks once.
+    """
+    from ..engine.chunks import slab_depth
+
+    nz, ny, nx = (int(n) for n in shape)
+    depth = min(slab_depth(ny * nx * 4, nz, target_bytes=64 * 2**20), max(1, -(-nz // 4)))
+    k = -(-nz // depth)
+    base, extra = divmod(nz, k)
+    return (tuple(base + (1 if i < extra else 0) for i in range(k)), (ny,), (nx,))
+
+
+def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None, chunks
+          ) -> tuple[da.Array, da.Array]:
+    """Band ``j``: the band-passed map ``c`` and local amplitude ``m`` (lazy, in ``chunks``).
+
+    One pointwise filter of the shared spectrum (``FH = F·H_j``), then the
+    quadrature multipliers (Riesz: ``FH/|k|`` once, then ``-i k_axis`` per
+    component, one pass each), one inverse FFT each. The inverse FFTs run
+    one after another, each squared into the running ``c² + Σ r²`` before
+    the next starts (the square root fused into the last), so one band never
+    holds more than two full real maps besides ``c`` (each FFT uses every
+    core anyway).
     """
     g = _gate(spec, dep)
     fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
                         scale=float(bank.scales[j]))
-    c = spectral.irfft(fh).data
+    c = spectral.irfft(fh, chunks=chunks).data
     sq = da.map_blocks(_square_block, c, dtype=np.float32)
-    for comp in K.quadrature_components(bank.quadrature):
-        qspec = _gate(spectral.apply(K.quadrature_filter, fh, component=comp), _done(sq))
-        r = spectral.irfft(qspec).data
-        sq = da.map_blocks(_add_square_block, sq, r, dtype=np.float32)
-    m = da.map_blocks(_sqrt_block, sq, dtype=np.float32)
-    return c, m
+    comps = K.quadrature_components(bank.quadrature)
+    base = spectral.apply(K.riesz_base, fh) if bank.quadrature == "riesz" else fh
+    for i, comp in enumerate(comps):
+        if bank.quadrature == "riesz":
+            qspec = spectral.apply(K.riesz_component, base, component=comp)
+        else:
+            qspec = spectral.apply(K.quadrature_filter, fh, component=comp)
+        r = spectral.irfft(_gate(qspec, _done(sq)), chunks=chunks).data
+        last = i == len(comps) - 1
+        sq = da.map_blocks(_add_square_sqrt_block if last else _add_square_block, sq, r, dtype=np.float32)
+    return c, sq
 
 
 def _square_block(c: np.ndarray) -> np.ndarray:
@@ -406,8 +430,9 @@ def _add_square_block(acc: np.ndarray, r: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sqrt_block(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(x, dtype=np.float32)
+def _add_square_sqrt_block(acc: np.ndarray, r: np.ndarray) -> np.ndarray:
+    out = _add_square_block(acc, r)
+    return np.sqrt(out, out=out)
 
 
 def _token_block(a: np.ndarray) -> np.ndarray:
@@ -425,8 +450,8 @@ def _done(acc: da.Array) -> da.Array:
     return tok.sum()
 
 
-def _zeros(k: int, like_arr: da.Array) -> da.Array:
-    return da.zeros((k, *like_arr.shape), chunks=((k,), *like_arr.chunks), dtype=np.float32)
+def _zeros(k: int, shape: Sequence[int], chunks) -> da.Array:
+    return da.zeros((k, *shape), chunks=((k,), *chunks), dtype=np.float32)
 
 
 def _update(fn: Callable[..., np.ndarray], acc: da.Array, arrays: Sequence[da.Array], q: da.Array,
@@ -472,7 +497,8 @@ def _standardise(x: da.Array, sel: da.Array, *, clip: bool) -> da.Array:
 
 def _finish(vols: dict[str, da.Array], template: xr.DataArray, lazy: bool, extra: dict[str, Any]
             ) -> tuple[dict[str, xr.DataArray], dict[str, Any]]:
-    """Wrap arrays as Volumes; compute everything (one pass) for numpy input."""
+    """Wrap arrays as Volumes in the template's chunks; compute everything (one pass) for numpy input."""
+    vols = {k: v.rechunk(template.data.chunks) if v.chunks != template.data.chunks else v for k, v in vols.items()}
     if not lazy:
         from ..engine.cluster import compute
 
@@ -689,17 +715,18 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
     bg = _background(dmask)
     if not lazy:
         _check_mask_counts(mask, bg.compute(), need="background")
-    sel = bg.data
+    inner = _inner_chunks(dvol.shape)
+    sel = bg.data.rechunk(inner)
     dep = _require_molecule(dmask)
     ref_band = -1
     if mode == "bsharpen":
         L = K.box_length(dvol.shape, voxel_size(dvol))
         f15 = (math.floor(L / reference_resolution) / L) if compat_matlab_floor else 1.0 / reference_resolution
         ref_band = int(np.argmin(np.abs(bank.centres - f15)))
-    acc = _zeros(2 if mode == "spiral" else 3, dvol.data)
+    acc = _zeros(2 if mode == "spiral" else 3, dvol.shape, inner)
     noise = []
     for j in range(bank.n_bands):
-        c, m = _band(spec, bank, j, dep)
+        c, m = _band(spec, bank, j, dep, inner)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_BG,
                           minimum=MIN_BACKGROUND_VOXELS if j == 0 else 0)
         if mode == "spiral":
@@ -897,16 +924,17 @@ def locbfactor(
     bg = _background(dmask)
     if not lazy:
         _check_mask_counts(mask, bg.compute(), need="background")
-    sel = bg.data
+    inner = _inner_chunks(dvol.shape)
+    sel = bg.data.rechunk(inner)
     log_scale = 0.5 * math.log(float(np.prod(dvol.shape)))
     x = bank.s2
     x_mean = float(x.mean())
     probe_items = _check_probes(probes, dvol.shape)
-    acc = _zeros(6 if drop_below_noise else 3, dvol.data)
+    acc = _zeros(6 if drop_below_noise else 3, dvol.shape, inner)
     dep = _require_molecule(dmask)
     noise, samples = [], []
     for j in range(bank.n_bands):
-        c, m = _band(spec, bank, j, dep)
+        c, m = _band(spec, bank, j, dep, inner)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_BG,
                           minimum=MIN_BACKGROUND_VOXELS if j == 0 else 0)
         acc = _update(K.guinier_update, acc, (m,), q, x=float(x[j] - x_mean), log_scale=log_scale,
@@ -1066,12 +1094,13 @@ def lococcupancy(
         what="lococcupancy")
     if not lazy:
         _check_mask_counts(mask, None, need="molecule")
-    sel = _molecule(dmask).data
-    acc = _zeros(1, dvol.data)
+    inner = _inner_chunks(dvol.shape)
+    sel = _molecule(dmask).data.rechunk(inner)
+    acc = _zeros(1, dvol.shape, inner)
     dep = None
     qs = []
     for j in range(bank.n_bands):
-        c, m = _band(spec, bank, j, dep)
+        c, m = _band(spec, bank, j, dep, inner)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_MOL, minimum=0)
         acc = _update(K.occupancy_update, acc, (m,), q)
         qs.append(q)

@@ -230,3 +230,42 @@ def test_band_powers_equal_full_grid_sums(shape):
     got = K.band_powers(F, kz=hz, ky=hy, kx=hx, nx=shape[2], voxel_x=vs[2], centres=centres, sigma=sigma,
                         dc_sigma=dc, scales=scales)
     np.testing.assert_allclose(got, want, rtol=1e-9)
+
+
+def test_fast_band_and_riesz_filters_equal_the_direct_formulas():
+    """band_multiplier (DC factor only near DC, scale in the exponent) and riesz_base/riesz_component
+    (FH/|k| shared, then -i k_axis) against band_profile and -i k_axis/|k| evaluated directly."""
+    rng = np.random.default_rng(2)
+    shape, vs = (20, 18, 10), (1.1, 1.0, 1.3)
+    kz = np.fft.fftfreq(20, vs[0])[:, None, None]
+    ky = np.fft.fftfreq(18, vs[1])[None, :, None]
+    kx = np.fft.rfftfreq(18, vs[2])[None, None, :]
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    dc = K.DC_SIGMA_VOXELS / K.box_length(shape, vs)
+    h = K.band_multiplier(kz, ky, kx, centre=0.12, sigma=0.03, dc_sigma=dc, scale=0.37)
+    np.testing.assert_allclose(h, 0.37 * K.band_profile(s, centre=0.12, sigma=0.03, dc_sigma=dc), rtol=2e-6,
+                               atol=1e-7)
+    assert h[0, 0, 0] == 0.0
+    F = (rng.normal(size=h.shape) + 1j * rng.normal(size=h.shape)).astype(np.complex64)
+    base = K.riesz_base(F, kz=kz, ky=ky, kx=kx)
+    for comp, k in zip("zyx", (kz, ky, kx)):
+        want = F * (-1j) * np.where(s > 0, k / np.where(s > 0, s, 1), 0)
+        got = K.riesz_component(base, kz=kz, ky=ky, kx=kx, component=comp)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError):
+        K.riesz_component(base, kz=kz, ky=ky, kx=kx, component="w")
+
+
+def test_shared_x_solve_with_uncentred_abscissae_matches_polyfit():
+    rng = np.random.default_rng(6)
+    x = np.linspace(1 / 15, 1 / 4, 6) ** 2
+    ys = rng.normal(size=(6, 3, 4, 5)) - 40 * x[:, None, None, None]
+    acc = np.stack([ys.sum(0), (ys * x[:, None, None, None]).sum(0), (ys**2).sum(0)]).astype(np.float32)
+    sol = K.guinier_solve(acc, x_mean=0.0, x_sums=(x.size, x.sum(), (x * x).sum()))
+    fit = np.polyfit(x, ys.reshape(6, -1), 1)
+    np.testing.assert_allclose(sol[0].ravel(), fit[0], rtol=2e-3, atol=0.05)
+    np.testing.assert_allclose(sol[1].ravel(), fit[1], rtol=2e-3, atol=2e-3)
+    resid = ys.reshape(6, -1) - (fit[0] * x[:, None] + fit[1])
+    r2 = 1 - (resid**2).sum(0) / ((ys.reshape(6, -1) - ys.reshape(6, -1).mean(0)) ** 2).sum(0)
+    np.testing.assert_allclose(sol[2].ravel(), r2, atol=2e-3)
+    assert np.all(sol[3] == 6)
