@@ -41,6 +41,29 @@ def data_file(relpath: str) -> Path:
     return _need(SHARED_DATA / relpath)
 
 
+def gemmi_density(st, *, shape, voxel_size, origin, blur: float):
+    """gemmi ``DensityCalculatorE`` (z, y, x array) on a periodic cell = the box ``shape`` at ``origin`` (Å).
+
+    The model (a ``gemmi.Structure``, not modified) is shifted by ``-origin``
+    so the cell's voxel 0 sits at ``origin``; ``blur`` in Å².
+    """
+    import gemmi
+    import numpy as np
+
+    st = st.clone()
+    for ch in st[0]:
+        for r in ch:
+            for a in r:
+                a.pos = gemmi.Position(a.pos.x - origin[2], a.pos.y - origin[1], a.pos.z - origin[0])
+    dc = gemmi.DensityCalculatorE()
+    dc.grid.set_unit_cell(gemmi.UnitCell(*(shape[ax] * voxel_size[ax] for ax in (2, 1, 0)), 90, 90, 90))
+    dc.grid.spacegroup = gemmi.SpaceGroup("P1")
+    dc.grid.set_size(shape[2], shape[1], shape[0])
+    dc.blur = blur
+    dc.put_model_density_on_grid(st[0])
+    return np.array(dc.grid, copy=True).transpose(2, 1, 0)
+
+
 @pytest.fixture(scope="session")
 def _two_worker_cluster():
     """One real 2-process dask cluster shared by the whole test session."""

@@ -6,7 +6,11 @@ each atom to every output tile (chunk) whose box comes within the atom's
 reach, so each tile can render **only its own voxels** from its own atom
 list: tiles never share writes, no overlap-add, and no tile ever holds the
 whole map. :func:`map_tiles` turns a per-tile numpy function into a dask
-array with exactly one task per tile (each task embeds only its atoms).
+array with exactly one task per tile. The atom table goes into the graph
+once (:class:`PackedAtoms`: compact, form factors stored per element; with
+a distributed client a large table is scattered to the workers instead) and
+each tile task picks its own atoms from it, so the graph holds only the
+tiles' atom indices — not a copy of every tile's atoms.
 
 How far an atom reaches (spec 06 §6), :func:`reach`:
 
@@ -28,12 +32,18 @@ from typing import Any
 
 import dask
 import dask.array as da
+from dask.delayed import Delayed
 import numpy as np
 
 from ..errors import GeometryError, ParameterError
-from ..volume import as_triple
+from ..volume import as_triple, validate_volume
+from ..volume import origin as vol_origin
+from ..volume import voxel_size as vol_voxel_size
+from .chunks import auto_chunks
 
-__all__ = ["AtomTiles", "bin_atoms", "reach", "map_tiles", "normalize_chunks"]
+__all__ = ["AtomTiles", "bin_atoms", "reach", "map_tiles", "normalize_chunks", "PackedAtoms", "TileGrid", "grid_like"]
+
+_SCATTER_BYTES = 4 << 20  # shared tables larger than this are scattered when a distributed client is active
 
 
 def reach(
@@ -90,6 +100,91 @@ def reach(
 def normalize_chunks(chunks: Any, shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
     """Dask-style chunks (an edge, a (z, y, x) triple or explicit tuples) as explicit tuples."""
     return da.core.normalize_chunks(chunks, tuple(int(n) for n in shape), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """An output grid for tiled rendering (z, y, x; voxels, Å, Å).
+
+    Attributes
+    ----------
+    shape, voxel_size, origin : tuple
+        Grid geometry; ``origin`` is the position of voxel (0, 0, 0).
+    chunks : tuple of tuples
+        Output tiles (explicit dask chunks).
+    lazy : bool
+        Whether the result should stay a dask array (else it is computed).
+    header : Any
+        Header of the template map (``like.attrs["header"]``), or None.
+    """
+
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    chunks: tuple[tuple[int, ...], ...]
+    lazy: bool = True
+    header: Any = None
+
+
+def grid_like(like: Any, chunks: Any = None) -> TileGrid:
+    """The grid of a Volume ``like``: its shape, voxel size, origin and tiles.
+
+    Tiles are ``chunks`` if given, else ``like``'s dask chunks, else automatic;
+    the result is lazy when ``like`` is dask-backed.
+    """
+    validate_volume(like)
+    shape = tuple(int(n) for n in like.shape)
+    lazy = isinstance(like.data, da.Array)
+    out_chunks = chunks if chunks is not None else (like.data.chunks if lazy else auto_chunks(shape))
+    return TileGrid(shape, vol_voxel_size(like), vol_origin(like), normalize_chunks(out_chunks, shape),  # type: ignore[arg-type]
+                    lazy, like.attrs.get("header"))
+
+
+class PackedAtoms:
+    """An :class:`~chunkem.kernels.render.AtomSet` and radii in a compact form for a task graph.
+
+    Form-factor coefficients are stored once per distinct row (element) with
+    a per-atom index, anisotropic U only when present: about 45 bytes per
+    atom instead of ~130. :meth:`select` rebuilds the AtomSet of some atoms
+    (inside a tile task).
+
+    Parameters
+    ----------
+    atoms
+        The atoms.
+    radius
+        Per-atom radius / reach (Å).
+    """
+
+    def __init__(self, atoms: Any, radius: np.ndarray):
+        self.xyz = np.ascontiguousarray(atoms.xyz, dtype=np.float64)
+        self.b_iso = np.ascontiguousarray(atoms.b_iso, dtype=np.float64)
+        self.occ = np.ascontiguousarray(atoms.occ, dtype=np.float64)
+        T = atoms.ff.a.shape[1]
+        rows, idx = np.unique(np.concatenate([atoms.ff.a, atoms.ff.b], axis=1), axis=0, return_inverse=True)
+        self.ff_a, self.ff_b = rows[:, :T].copy(), rows[:, T:].copy()
+        self.ff_index = idx.ravel().astype(np.int32 if rows.shape[0] > 255 else np.uint8)
+        self.table = atoms.ff.table
+        self.aniso_u = None if atoms.aniso_u is None else np.ascontiguousarray(atoms.aniso_u, dtype=np.float64)
+        self.radius = np.broadcast_to(np.asarray(radius, dtype=np.float64), (self.xyz.shape[0],)).copy()
+
+    def __len__(self) -> int:
+        return int(self.xyz.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.xyz, self.b_iso, self.occ, self.ff_a, self.ff_b, self.ff_index, self.radius, self.aniso_u)
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+    def select(self, ids: np.ndarray) -> tuple[Any, np.ndarray]:
+        """``(AtomSet, radius)`` of atoms ``ids``."""
+        from ..kernels.render import AtomSet
+        from ..kernels.scattering import FormFactors
+
+        k = self.ff_index[ids]
+        ff = FormFactors(self.ff_a[k], self.ff_b[k], self.table)
+        aniso = None if self.aniso_u is None else self.aniso_u[ids]
+        return AtomSet(self.xyz[ids], self.b_iso[ids], self.occ[ids], ff, aniso), self.radius[ids]
 
 
 @dataclass
@@ -244,28 +339,66 @@ def bin_atoms(
     return AtomTiles(shp, ch, tuple(vs), tuple(org), members)  # type: ignore[arg-type]
 
 
+def _shared_in_graph(table: Any, name: str, token: Any) -> Any:
+    """``table`` as one graph node (a scattered future for a large table under a distributed client)."""
+    if isinstance(table, Delayed):
+        return table
+    nbytes = getattr(table, "nbytes", 0)
+    if nbytes > _SCATTER_BYTES:
+        try:
+            from distributed import get_client
+
+            client = get_client()
+        except (ImportError, ValueError):
+            client = None
+        if client is not None:
+            return client.scatter(table, hash=True)
+    key = f"{name}-table-{dask.base.tokenize(token) if token is not None else dask.base.tokenize(table)}"
+    return dask.delayed(table, name=key, pure=True, traverse=False)
+
+
+def _select_method(table: Any, ids: np.ndarray) -> Any:
+    return table.select(ids)
+
+
+def _run_tile(table: Any, ids: np.ndarray, *, func: Callable[..., np.ndarray], select: Callable[[Any, np.ndarray], Any],
+              **kwargs: Any) -> np.ndarray:
+    return func(select(table, ids), **kwargs)
+
+
 def map_tiles(
     func: Callable[..., np.ndarray],
     tiles: AtomTiles,
     *,
-    take: Callable[[np.ndarray], Any],
+    take: Callable[[np.ndarray], Any] | None = None,
+    table: Any = None,
+    select: Callable[[Any, np.ndarray], Any] | None = None,
     dtype: Any = np.float32,
     name: str = "atoms-tile",
     token: Any = None,
     **kwargs: Any,
 ) -> da.Array:
-    """A dask array with one task per tile: ``func(take(atom_ids), shape=, offset=, **kwargs)``.
+    """A dask array with one task per tile: ``func(payload, shape=, offset=, voxel_size=, **kwargs)``.
+
+    The per-tile payload comes either from ``take(ids)`` at graph
+    construction (embedded in each task: fine for small payloads), or, with
+    ``table``, from ``select(table, ids)`` inside the task: the table is one
+    node of the graph (scattered to the workers when it is large and a
+    distributed client is active) and each task holds only its atom indices.
 
     Parameters
     ----------
     func
-        ``func(atoms, *, shape, offset, voxel_size, **kwargs) -> ndarray`` of
+        ``func(payload, *, shape, offset, voxel_size, **kwargs) -> ndarray`` of
         ``shape``; ``offset`` is the tile's first voxel (z, y, x, Å).
     tiles
         From :func:`bin_atoms`.
     take
-        ``take(indices)`` → the per-tile atom payload (e.g. ``AtomSet.take``);
-        only that subset is embedded in the tile's task.
+        ``take(indices)`` → the per-tile payload, embedded in the tile's task.
+    table, select
+        A shared table (e.g. :class:`PackedAtoms`, or a ``dask.delayed``
+        object) and ``select(table, indices)`` → the payload (default
+        ``table.select(indices)``). Give either ``take`` or ``table``.
     dtype
         Output dtype.
     name, token
@@ -280,6 +413,10 @@ def map_tiles(
         Shape ``tiles.shape``, chunks ``tiles.chunks``; tiles no atom
         reaches are zeros (no task runs a kernel for them).
     """
+    if (take is None) == (table is None):
+        raise ParameterError("map_tiles: give either take= or table=")
+    shared = None if table is None else _shared_in_graph(table, name, token)
+    pick = select if select is not None else _select_method
     nbz, nby, nbx = tiles.numblocks
     rows = []
     for iz in range(nbz):
@@ -293,12 +430,16 @@ def map_tiles(
                 if ids is None or ids.size == 0:
                     line.append(da.zeros(shp, dtype=dtype, chunks=shp))
                     continue
-                payload = take(ids)
-                key = f"{name}-{dask.base.tokenize(token if token is not None else payload, ids, idx, kwargs)}"
-                task = dask.delayed(func, pure=True)(
-                    payload, shape=shp, offset=tiles.tile_offset(idx), voxel_size=tiles.voxel_size,
-                    dask_key_name=key, **kwargs,
-                )
+                geom = dict(shape=shp, offset=tiles.tile_offset(idx), voxel_size=tiles.voxel_size)
+                if shared is None:
+                    payload = take(ids)  # type: ignore[misc]
+                    key = f"{name}-{dask.base.tokenize(token if token is not None else payload, ids, idx, kwargs)}"
+                    task = dask.delayed(func, pure=True)(payload, dask_key_name=key, **geom, **kwargs)
+                else:
+                    small = ids.astype(np.int32) if len(ids) and int(ids.max()) < 2**31 else ids
+                    key = f"{name}-{dask.base.tokenize(token if token is not None else shared, ids, idx, kwargs)}"
+                    task = dask.delayed(_run_tile, pure=True)(shared, small, func=func, select=pick,
+                                                              dask_key_name=key, **geom, **kwargs)
                 line.append(da.from_delayed(task, shape=shp, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype)))
             plane.append(line)
         rows.append(plane)

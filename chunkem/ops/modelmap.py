@@ -41,18 +41,17 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import dask.array as da
 import numpy as np
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.atoms import bin_atoms, map_tiles, normalize_chunks
+from ..engine.atoms import PackedAtoms, TileGrid, bin_atoms, grid_like, map_tiles, normalize_chunks
 from ..engine.chunks import auto_chunks
 from ..errors import GeometryError, ParameterError
 from ..kernels.finite_resolution import DEFAULT_RADIUS_FACTOR, ResolutionLimit
 from ..kernels.render import AtomSet, Imaging, atom_radii, render_block
 from ..kernels.scattering import form_factors, refmac_blur
-from ..volume import as_triple, make_volume, validate_volume
+from ..volume import as_triple, make_volume
 from ..volume import origin as vol_origin
 from ..volume import voxel_size as vol_voxel_size
 
@@ -237,20 +236,15 @@ def model_map(
     if method not in METHODS:
         raise ParameterError(f"method={method!r}: use one of {METHODS}")
     if like is not None:
-        validate_volume(like)
-        shape = tuple(int(n) for n in like.shape)
-        vs, org = vol_voxel_size(like), vol_origin(like)
-        lazy = isinstance(like.data, da.Array)
-        out_chunks = chunks if chunks is not None else (like.data.chunks if lazy else auto_chunks(shape))
+        grid = grid_like(like, chunks)
     else:
         if voxel_size is None:
             if resolution is None:
                 raise ParameterError("give like= (a map) or voxel_size= (Å) for the model map grid")
             voxel_size = float(resolution) / 3.0
         shape, vs, org = model_grid(model, voxel_size=voxel_size, padding=padding)
-        lazy = True
-        out_chunks = chunks if chunks is not None else auto_chunks(shape)
-    out_chunks = normalize_chunks(out_chunks, shape)
+        grid = TileGrid(shape, vs, org, normalize_chunks(chunks if chunks is not None else auto_chunks(shape), shape))
+    shape, vs, org, out_chunks, lazy = grid.shape, grid.voxel_size, grid.origin, grid.chunks, grid.lazy
     if method != "gaussian":
         if resolution is None:
             raise ParameterError(f"method={method!r} needs resolution= (Å)")
@@ -290,16 +284,15 @@ def model_map(
     from dask.base import tokenize
 
     token = tokenize(atoms.xyz, atoms.b_iso, atoms.occ, atoms.ff.a, atoms.ff.b, atoms.aniso_u, imaging, radii)
-    data = map_tiles(_render_tile, tiles, take=lambda ids: (atoms.take(ids), radii[ids]), dtype=np.float32,
-                     name="render-atoms", token=token, imaging=imaging)
+    data = map_tiles(_render_tile, tiles, table=PackedAtoms(atoms, radii), dtype=np.float32, name="render-atoms",
+                     token=token, imaging=imaging)
     vol = make_volume(data, voxel_size=vs, origin=rorg, name=name)
     if method == "spectral":
         vol = spectral.fourier_filter(vol, _deblur_cut, blur=blur_used, resolution=resolution, soft_edge=soft_edge)
         if pad != (0, 0, 0):
             sl = tuple(slice(p, p + n) for p, n in zip(pad, shape))
             vol = make_volume(vol.data[sl].rechunk(out_chunks), voxel_size=vs, origin=org, name=name)
-    header = like.attrs.get("header") if like is not None else None
-    out = make_volume(vol.data, voxel_size=vs, origin=org, name=name, header=header)
+    out = make_volume(vol.data, voxel_size=vs, origin=org, name=name, header=grid.header)
     out.attrs["model_map"] = {
         "method": method,
         "resolution": resolution,

@@ -51,20 +51,17 @@ from pathlib import Path
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..engine.atoms import bin_atoms, map_tiles, normalize_chunks
+from ..engine.atoms import bin_atoms, grid_like, map_tiles, normalize_chunks
 from ..engine.chunks import auto_chunks
 from ..errors import GeometryError, InputFileError, ParameterError
 from ..kernels.finite_resolution import DEFAULT_RADIUS_FACTOR, DEFAULT_TABLE_STEP
 from ..kernels.render import AtomSet, Imaging
 from ..kernels.scattering import refmac_blur
 from ..kernels.scene import SceneModel, relion_matrix, render_copies_block, rotation_safe_radii
-from ..volume import as_triple, make_volume, validate_volume
-from ..volume import origin as vol_origin
-from ..volume import voxel_size as vol_voxel_size
+from ..volume import as_triple, make_volume
 from .modelmap import atom_set, check_resolution
 
 __all__ = ["Particles", "read_particles", "render_scene", "relion_matrix"]
@@ -485,12 +482,11 @@ def render_scene(
     """
     if not isinstance(particles, Particles):
         raise ParameterError("particles must be a Particles list (see read_particles / Particles.from_euler)")
+    header = None
     if like is not None:
-        validate_volume(like)
-        shp = tuple(int(n) for n in like.shape)
-        vs, org = vol_voxel_size(like), vol_origin(like)
-        lazy = isinstance(like.data, da.Array)
-        out_chunks = chunks if chunks is not None else (like.data.chunks if lazy else auto_chunks(shp))
+        grid = grid_like(like, chunks)
+        shp, vs, org, out_chunks, lazy = grid.shape, grid.voxel_size, grid.origin, grid.chunks, grid.lazy
+        header = grid.header
     else:
         if shape is None or voxel_size is None:
             raise ParameterError("give like= (a map) or shape= and voxel_size= (Å) for the scene grid")
@@ -542,7 +538,6 @@ def render_scene(
     rot, pos = particles.rotation, particles.xyz
     data = map_tiles(_tile, tiles, take=lambda ids: (rot[ids], pos[ids]), dtype=np.float32, name="render-scene",
                      token=token, model=model_task)
-    header = like.attrs.get("header") if like is not None else None
     out = make_volume(data, voxel_size=vs, origin=org, name=name, header=header)
     out.attrs["scene"] = {
         "method": method,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chunkem.engine.atoms import bin_atoms, map_tiles, reach
+from chunkem.engine.atoms import PackedAtoms, bin_atoms, grid_like, map_tiles, reach
 from chunkem.errors import GeometryError, ParameterError
 from chunkem.kernels.render import AtomSet, Imaging, atom_radii, render_block
 from chunkem.kernels.scattering import form_factors
@@ -129,3 +129,84 @@ def test_map_tiles_one_task_per_tile_and_lazy():
     with dask.config.set(scheduler="sync"):
         arr.compute()
     assert len(calls) == len(tiles.members) < 64  # only tiles the atoms reach run the kernel
+
+
+def _random_atoms(n, seed, aniso=False):
+    rng = np.random.default_rng(seed)
+    u = None
+    if aniso:
+        u = np.zeros((n, 6))
+        u[::2, :3] = rng.uniform(0.1, 0.4, (len(u[::2]), 3))
+    return AtomSet(rng.uniform(0, 30, (n, 3)), rng.uniform(5, 80, n), rng.uniform(0.3, 1, n),
+                   form_factors(rng.choice(["C", "N", "O", "S", "H"], n)), u)
+
+
+@pytest.mark.parametrize("aniso", [False, True])
+def test_packed_atoms_select_equals_take(aniso):
+    atoms = _random_atoms(50, 3, aniso)
+    rad = atom_radii(atoms, Imaging(blur=5.0))
+    packed = PackedAtoms(atoms, rad)
+    ids = np.array([3, 7, 7, 20, 49])
+    got, r = packed.select(ids)
+    ref = atoms.take(ids)
+    for name in ("xyz", "b_iso", "occ"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(ref, name))
+    np.testing.assert_array_equal(got.ff.a, ref.ff.a)
+    np.testing.assert_array_equal(got.ff.b, ref.ff.b)
+    np.testing.assert_array_equal(r, rad[ids])
+    assert (got.aniso_u is None) == (ref.aniso_u is None)
+    if aniso:
+        np.testing.assert_array_equal(got.aniso_u, ref.aniso_u)
+    full = (atoms.xyz, atoms.b_iso, atoms.occ, atoms.ff.a, atoms.ff.b, rad, atoms.aniso_u)
+    assert packed.nbytes < 0.6 * sum(a.nbytes for a in full if a is not None)
+
+
+def test_map_tiles_shared_table_equals_embedded_payloads_and_keeps_the_graph_small():
+    """The atom table is in the graph once: the graph grows with tiles, not with atoms x tiles."""
+    import cloudpickle
+
+    atoms = _random_atoms(3000, 5)
+    imaging = Imaging(blur=5.0)
+    rad = atom_radii(atoms, imaging)
+    shape, vs = (30, 31, 29), (1.0, 1.0, 1.05)
+    tiles = bin_atoms(atoms.xyz, rad, shape=shape, chunks=(7, 9, 8), voxel_size=vs)
+    old = map_tiles(_tile_render, tiles, take=lambda ids: (atoms.take(ids), rad[ids]), imaging=imaging)
+    new = map_tiles(_tile_render, tiles, table=PackedAtoms(atoms, rad), imaging=imaging, token=("t", 1))
+    with dask.config.set(scheduler="sync"):
+        np.testing.assert_array_equal(new.compute(), old.compute())
+    size_old = len(cloudpickle.dumps(dict(old.__dask_graph__())))
+    size_new = len(cloudpickle.dumps(dict(new.__dask_graph__())))
+    assert tiles.n_assigned > 5 * len(atoms)  # every atom is in several tiles
+    assert size_new < size_old / 8
+    assert size_new < PackedAtoms(atoms, rad).nbytes + 8 * tiles.n_assigned + 300_000
+    with pytest.raises(ParameterError):
+        map_tiles(_tile_render, tiles, imaging=imaging)
+
+
+@pytest.mark.distributed
+def test_map_tiles_scatters_a_large_table_to_the_workers(two_worker_client, monkeypatch):
+    import chunkem.engine.atoms as eat
+
+    monkeypatch.setattr(eat, "_SCATTER_BYTES", 0)
+    atoms = _random_atoms(200, 6)
+    imaging = Imaging(blur=5.0)
+    rad = atom_radii(atoms, imaging)
+    tiles = bin_atoms(atoms.xyz, rad, shape=(20, 22, 24), chunks=(7, 9, 8), voxel_size=1.3)
+    arr = map_tiles(_tile_render, tiles, table=PackedAtoms(atoms, rad), imaging=imaging)
+    graph = dict(arr.__dask_graph__())
+    assert not any(isinstance(v, PackedAtoms) for v in graph.values())  # the table went to the workers
+    whole = render_block((20, 22, 24), offset=(0, 0, 0), voxel_size=1.3, atoms=atoms, imaging=imaging, radius=rad)
+    got = two_worker_client.compute(arr).result()
+    np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6 * float(np.abs(whole).max()))
+
+
+def test_grid_like_takes_geometry_chunks_and_header():
+    from chunkem.volume import make_volume
+
+    vol = make_volume(np.zeros((10, 12, 14), np.float32), voxel_size=(1.0, 1.1, 1.2), origin=(3.0, -2.0, 5.0))
+    g = grid_like(vol)
+    assert g.shape == (10, 12, 14) and g.voxel_size == (1.0, 1.1, 1.2) and g.origin == (3.0, -2.0, 5.0)
+    assert not g.lazy and sum(g.chunks[0]) == 10
+    lazy = grid_like(vol.chunk((4, 5, 6)))
+    assert lazy.lazy and lazy.chunks == ((4, 4, 2), (5, 5, 2), (6, 6, 2))
+    assert grid_like(vol.chunk(4), chunks=(5, 6, 7)).chunks == ((5, 5), (6, 6), (7, 7))

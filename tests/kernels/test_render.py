@@ -28,7 +28,7 @@ from chunkem.kernels.scattering import (
     refmac_blur,
 )
 
-from ..conftest import data_file
+from ..conftest import data_file, gemmi_density
 
 
 def _slice_5me2(n_res: int = 30) -> gemmi.Structure:
@@ -54,18 +54,7 @@ def _atoms_of(st: gemmi.Structure) -> AtomSet:
 
 def _gemmi_density(st: gemmi.Structure, shape, vs, org, blur: float) -> np.ndarray:
     """gemmi DensityCalculatorE on a grid whose unit cell is the box (model shifted by -origin)."""
-    st = st.clone()
-    for ch in st[0]:
-        for r in ch:
-            for a in r:
-                a.pos = gemmi.Position(a.pos.x - org[2], a.pos.y - org[1], a.pos.z - org[0])
-    dc = gemmi.DensityCalculatorE()
-    dc.grid.set_unit_cell(gemmi.UnitCell(shape[2] * vs[2], shape[1] * vs[1], shape[0] * vs[0], 90, 90, 90))
-    dc.grid.spacegroup = gemmi.SpaceGroup("P1")
-    dc.grid.set_size(shape[2], shape[1], shape[0])
-    dc.blur = blur
-    dc.put_model_density_on_grid(st[0])
-    return np.array(dc.grid, copy=True).transpose(2, 1, 0)
+    return gemmi_density(st, shape=shape, voxel_size=vs, origin=org, blur=blur)
 
 
 def _box(st, vs, margin=9.0):

@@ -18,7 +18,7 @@ from chunkem.io.model import open_model
 from chunkem.ops.modelmap import model_grid, model_map
 from chunkem.volume import make_volume, origin, voxel_size
 
-from ..conftest import data_file
+from ..conftest import data_file, gemmi_density
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -59,18 +59,7 @@ def _gemmi_padded(st: gemmi.Structure, vol, blur: float, pad: int = 12) -> np.nd
     vs = voxel_size(vol)
     org = np.asarray(origin(vol)) - pad * np.asarray(vs)
     shape = tuple(n + 2 * pad for n in vol.shape)
-    st = st.clone()
-    for ch in st[0]:
-        for r in ch:
-            for a in r:
-                a.pos = gemmi.Position(a.pos.x - org[2], a.pos.y - org[1], a.pos.z - org[0])
-    dc = gemmi.DensityCalculatorE()
-    dc.grid.set_unit_cell(gemmi.UnitCell(shape[2] * vs[2], shape[1] * vs[1], shape[0] * vs[0], 90, 90, 90))
-    dc.grid.spacegroup = gemmi.SpaceGroup("P1")
-    dc.grid.set_size(shape[2], shape[1], shape[0])
-    dc.blur = blur
-    dc.put_model_density_on_grid(st[0])
-    g = np.array(dc.grid, copy=True).transpose(2, 1, 0)
+    g = gemmi_density(st, shape=shape, voxel_size=vs, origin=org, blur=blur)
     return g[pad:-pad, pad:-pad, pad:-pad]
 
 
