@@ -23,6 +23,10 @@ Rows (one table):
    atoms into 512³ (2 Å voxels); ``--scene-atoms 1e6 --scene-size 1024`` for
    the issue's 10⁶-atom / 1024³ run.
 
+Times: wall seconds, and for in-process rows also the CPU seconds of this
+process (``time.process_time``), the fairer per-core measure on a shared,
+loaded machine; the load average is printed with the table.
+
 Peak memory: ``ru_maxrss`` / ``/usr/bin/time`` for whole processes; for
 in-process rows the growth of this process's RSS sampled every 20 ms
 (psutil) over the run; for cluster rows the summed RSS of the process tree
@@ -166,10 +170,11 @@ def warm_up(session) -> None:
 
 
 def row(case: str, tool: str, mode: str, seconds: float, peak_mb: float | None, cc=None, scale=None,
-        diff=None) -> None:
+        diff=None, cpu: float | None = None) -> None:
     ROWS.append(dict(case=case, tool=tool, mode=mode, seconds=seconds, peak_mb=peak_mb, cc=cc, scale=scale,
-                     diff=diff))
-    print(f"  {case} | {tool} | {mode}: {seconds:.2f} s, peak {peak_mb if peak_mb is None else round(peak_mb)} MB"
+                     diff=diff, cpu=cpu))
+    cpu_s = "" if cpu is None else f" (cpu {cpu:.2f} s)"
+    print(f"  {case} | {tool} | {mode}: {seconds:.2f} s{cpu_s}, peak {peak_mb if peak_mb is None else round(peak_mb)} MB"
           + ("" if cc is None else f", 1-CC {1 - cc:.1e}, scale {scale:.6f}, max diff/peak {diff:.1e}"), flush=True)
 
 
@@ -203,19 +208,25 @@ def bench_5me2(repeat: int, tmp: Path, whole: bool) -> None:
     case = f"5me2 ({len(m)} at.) 100³ gaussian"
 
     def best(fn):
-        t, out = float("inf"), None
+        t, cpu, out = float("inf"), float("inf"), None
         for _ in range(repeat):
             with PeakRSS() as pk:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = fn()
-                t = min(t, time.perf_counter() - t0)
-        return t, pk.peak - pk.base, out
+                t, cpu = min(t, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+        return t, pk.peak - pk.base, out, cpu
 
-    t, mem, g = best(lambda: gemmi_density(st, shape, vs, blur).copy())
-    row(case, "gemmi", "in-process, 1 core", t, mem)
-    t, mem, c = best(lambda: render_block(shape, offset=(0.0, 0.0, 0.0), voxel_size=vs, atoms=atoms,
-                                          imaging=Imaging(blur=blur)))
-    row(case, "chunkem render_block", "in-process, 1 core", t, mem, *cc_scale(c, g))
+    def gemmi_in_process():
+        return gemmi_density(st, shape, vs, blur).copy()
+
+    def chunkem_in_process():
+        return render_block(shape, offset=(0.0, 0.0, 0.0), voxel_size=vs, atoms=atoms, imaging=Imaging(blur=blur))
+
+    gemmi_in_process(), chunkem_in_process()  # warm caches and imports
+    t, mem, g, cpu = best(gemmi_in_process)
+    row(case, "gemmi", "in-process, 1 core", t, mem, cpu=cpu)
+    t, mem, c, cpu = best(chunkem_in_process)
+    row(case, "chunkem render_block", "in-process, 1 core", t, mem, *cc_scale(c, g), cpu=cpu)
 
     if whole:
         out_g, out_c = tmp / "g.mrc", tmp / "c.mrc"
@@ -259,11 +270,11 @@ def bench_5me2(repeat: int, tmp: Path, whole: bool) -> None:
 
     import dask
 
-    t, mem, gm = best(gemmi_mm)
-    row(case, "gemmi + scipy.fft", "in-process, 1 core", t, mem)
+    t, mem, gm, cpu = best(gemmi_mm)
+    row(case, "gemmi + scipy.fft", "in-process, 1 core", t, mem, cpu=cpu)
     with dask.config.set(scheduler="synchronous"):
-        t, mem, cm = best(lambda: model_map(m, like=em, resolution=d, fft_padding=0).values)
-    row(case, "chunkem model_map", "in-process, 1 core", t, mem, *cc_scale(cm, gm))
+        t, mem, cm, cpu = best(lambda: model_map(m, like=em, resolution=d, fft_padding=0).values)
+    row(case, "chunkem model_map", "in-process, 1 core", t, mem, *cc_scale(cm, gm), cpu=cpu)
 
 
 # --------------------------------------------------------------------------- 2. ~100k atoms on 400³
@@ -289,20 +300,21 @@ def bench_big(n_atoms: int, size: int) -> None:
     case = f"{len(m)} atoms ({n_copies}x 5me2) {size}³ gaussian"
 
     with PeakRSS() as pk:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         g = gemmi_density(st, shape, vs, blur).copy()
-        t = time.perf_counter() - t0
-    row(case, "gemmi", "in-process, 1 core", t, pk.peak - pk.base)
+        t, cpu = time.perf_counter() - t0, time.process_time() - c0
+    row(case, "gemmi", "in-process, 1 core", t, pk.peak - pk.base, cpu=cpu)
 
     grid = make_volume(dask.array.zeros(shape, dtype=np.float32, chunks=128), voxel_size=vs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         mm = model_map(m, like=grid, method="gaussian", blur=blur)
     with dask.config.set(scheduler="synchronous"), PeakRSS() as pk:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         c = mm.data.compute()
-        t = time.perf_counter() - t0
-    row(case, "chunkem model_map", "in-process, 1 core (synchronous)", t, pk.peak - pk.base, *cc_scale(c, g))
+        t, cpu = time.perf_counter() - t0, time.process_time() - c0
+    row(case, "chunkem model_map", "in-process, 1 core (synchronous)", t, pk.peak - pk.base, *cc_scale(c, g),
+        cpu=cpu)
     del c
     with compute_session(cluster="local", workers=2, threads_per_worker=1) as session:
         warm_up(session)
@@ -367,8 +379,8 @@ def main() -> None:
         if not args.skip_scene:
             print("3. scene", flush=True)
             bench_scene(int(args.scene_atoms), args.scene_size, args.scene_voxel, tmp)
-    head = (f"| {'case':<55} | {'tool':<21} | {'mode':<34} | {'time s':>7} | {'peak MB':>7} | {'1-CC vs gemmi':>13} "
-            f"| {'scale':>8} | {'max diff/peak':>14} |")
+    head = (f"| {'case':<55} | {'tool':<21} | {'mode':<34} | {'time s':>7} | {'cpu s':>7} | {'peak MB':>7} "
+            f"| {'1-CC vs gemmi':>13} | {'scale':>8} | {'max diff/peak':>14} |")
     print("\n" + head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
     for r in ROWS:
@@ -376,9 +388,11 @@ def main() -> None:
         sc = "" if r["scale"] is None else f"{r['scale']:.6f}"
         df = "" if r["diff"] is None else f"{r['diff']:.1e}"
         pk = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        print(f"| {r['case']:<55} | {r['tool']:<21} | {r['mode']:<34} | {r['seconds']:>7.2f} | {pk:>7} | {cc:>13} | "
-              f"{sc:>8} | {df:>14} |")
-    print(f"\n(total {time.perf_counter() - t0:.0f} s; in-process peaks are RSS growth during the run, cluster rows "
+        cp = "" if r["cpu"] is None else f"{r['cpu']:.2f}"
+        print(f"| {r['case']:<55} | {r['tool']:<21} | {r['mode']:<34} | {r['seconds']:>7.2f} | {cp:>7} | {pk:>7} | "
+              f"{cc:>13} | {sc:>8} | {df:>14} |")
+    print(f"\n(load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}; 2 cores)")
+    print(f"(total {time.perf_counter() - t0:.0f} s; in-process peaks are RSS growth during the run, cluster rows "
           "the whole process tree)")
 
 
