@@ -624,11 +624,12 @@ def _render_separable(
         u = rel[mem] / h - (centre[mem] - hk)  # atom position in box voxels
         d2 = [((np.arange(k, dtype=np.float64)[:, None] - u[:, ax]) * h[ax]) ** 2
               for ax, k in enumerate((kz, ky, kx))]  # (k_ax, N), Å²
-        cm = -c[mem].ravel()
-        ez = np.exp((d2[0].repeat(T, axis=1) * cm).astype(ftype)).reshape(kz, N, T)
+        cm = -c[mem]
+        ez, ey, ex = ((d[:, :, None] * cm).astype(ftype) for d in d2)  # (k_ax, N, T) exponents
+        for f in (ez, ey, ex):
+            np.exp(f, out=f)
         ez *= amp[mem]
-        ey = np.exp((d2[1].repeat(T, axis=1) * cm).astype(ftype)).reshape(ky, N, T)
-        ex = np.exp((d2[2].repeat(T, axis=1) * cm).astype(ftype)).reshape(kx, N, T).transpose(1, 2, 0).copy()
+        ex = ex.transpose(1, 2, 0).copy()  # (N, T, kx)
         hx2 = h[2] * h[2]
         r2x = r[mem] ** 2 / hx2
         dzx = d2[0] / hx2
