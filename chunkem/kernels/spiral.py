@@ -61,6 +61,8 @@ __all__ = [
     "quadrature_components",
     "local_amplitude",
     "quantile",
+    "order_statistics",
+    "radix_counts",
     "spiral_update",
     "bsharpen_update",
     "guinier_update",
@@ -333,24 +335,78 @@ def local_amplitude(c: np.ndarray, *quadrature: np.ndarray) -> np.ndarray:
     return np.sqrt(acc)
 
 
-def quantile(values: np.ndarray, level: float, *, method: str = "hazen") -> float:
-    """``level``-quantile of ``values``; ``"hazen"`` matches MATLAB's ``quantile``.
+def quantile(values: np.ndarray | Sequence[np.ndarray], level: float, *, method: str = "hazen",
+             counts: np.ndarray | None = None) -> float:
+    """``level``-quantile of ``values`` (one array, or the parts of one); ``"hazen"`` matches MATLAB.
 
-    ``"hazen"`` is computed by partial sorting (two order statistics, no
-    float64 copy); other methods go through :func:`numpy.quantile`.
+    ``"hazen"`` is computed from two exact order statistics
+    (:func:`order_statistics`; ``counts`` = the parts' summed
+    :func:`radix_counts`, if already known); other methods concatenate and
+    go through :func:`numpy.quantile`.
     """
-    v = np.asarray(values).ravel()
-    if v.size == 0:
+    parts = [np.asarray(values).ravel()] if isinstance(values, np.ndarray) else [np.asarray(p).ravel() for p in values]
+    n = sum(p.size for p in parts)
+    if n == 0:
         raise ValueError("no values to take a quantile of")
     if method != "hazen":
-        return float(np.quantile(v.astype(np.float64), float(level), method=method))
-    n = v.size
+        v = np.concatenate(parts).astype(np.float64)
+        return float(np.quantile(v, float(level), method=method))
     pos = min(max(n * float(level) - 0.5, 0.0), n - 1.0)
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
-    part = np.partition(v, [lo, hi]) if hi != lo else np.partition(v, lo)
-    a, b = float(part[lo]), float(part[hi])
+    a, b = order_statistics(parts, (lo, hi), counts=counts)
     return a + (pos - lo) * (b - a)
+
+
+#: Arrays at least this long take the radix path of :func:`order_statistics`.
+_RADIX_MIN = 1 << 20
+
+
+def _top16(v: np.ndarray) -> np.ndarray:
+    """The top 16 bits of each float32's IEEE pattern (a strided uint16 view, no copy)."""
+    return v.view(np.uint16)[1::2] if np.little_endian else v.view(np.uint16)[0::2]
+
+
+def radix_counts(values: np.ndarray) -> np.ndarray:
+    """Histogram (65536 bins, int64) of the top 16 bits of a 1-d float32 array (see :func:`order_statistics`)."""
+    v = np.ascontiguousarray(np.asarray(values, dtype=np.float32).ravel())
+    return np.bincount(_top16(v), minlength=65536)
+
+
+def order_statistics(values: np.ndarray | Sequence[np.ndarray], ranks: Sequence[int], *,
+                     counts: np.ndarray | None = None) -> tuple[float, ...]:
+    """The ``ranks``-th smallest values (0-based) of an array or of its parts, exactly (as ``np.partition``).
+
+    Large finite float32 inputs use a radix pre-selection: a histogram of
+    the top 16 bits of the IEEE bit patterns (:func:`radix_counts`, summed
+    over the parts; monotonic in the value once the negative half is
+    reversed) locates the bucket holding each rank, and only that bucket is
+    partitioned. Other inputs are concatenated for :func:`numpy.partition`.
+    """
+    parts = [np.asarray(values).ravel()] if isinstance(values, np.ndarray) else [np.asarray(p).ravel() for p in values]
+    ranks = [int(k) for k in ranks]
+    n = sum(p.size for p in parts)
+    radix = all(p.dtype == np.float32 for p in parts) and n >= _RADIX_MIN
+    if radix:
+        parts = [np.ascontiguousarray(p) for p in parts]
+        if counts is None:
+            counts = sum(radix_counts(p) for p in parts)
+        radix = not (counts[0x7F80:0x8000].any() or counts[0xFF80:].any())  # inf / NaN: let numpy order them
+    if not radix:
+        part = np.partition(np.concatenate(parts), sorted(set(ranks)))
+        return tuple(float(part[k]) for k in ranks)
+    order = np.concatenate([np.arange(0xFFFF, 0x7FFF, -1), np.arange(0, 0x8000)])  # negatives reversed first
+    cum = np.cumsum(np.asarray(counts)[order])
+    out = []
+    cache: dict[int, np.ndarray] = {}
+    for k in ranks:
+        i = int(np.searchsorted(cum, k, side="right"))
+        bucket = int(order[i])
+        before = int(cum[i - 1]) if i > 0 else 0
+        if bucket not in cache:
+            cache[bucket] = np.concatenate([p[_top16(p) == bucket] for p in parts])
+        out.append(float(np.partition(cache[bucket], k - before)[k - before]))
+    return tuple(out)
 
 
 # --- per-band accumulator updates --------------------------------------------

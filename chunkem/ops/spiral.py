@@ -338,26 +338,38 @@ def _molecule(dmask: xr.DataArray) -> xr.DataArray:
     return like(dmask, (dmask.data > 0.5).astype(np.float32), name="molecule")
 
 
-def _gather_quantile(level: float, method: str, what: str, minimum: int, *pairs: np.ndarray) -> np.float64:
-    vals = [np.asarray(m)[np.asarray(s) > 0.5] for m, s in zip(pairs[::2], pairs[1::2])]
-    v = np.concatenate(vals) if vals else np.empty(0, np.float32)
-    if v.size == 0:
+def _block_values(m: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """One block's part of a set quantile: the values of ``m`` in ``sel`` and their radix histogram."""
+    v = np.asarray(m)[np.asarray(sel) > 0.5]
+    return v, (K.radix_counts(v) if v.dtype == np.float32 else None)
+
+
+def _gather_quantile(level: float, method: str, what: str, minimum: int, *parts: tuple) -> np.float64:
+    vals = [p[0] for p in parts]
+    n = sum(v.size for v in vals)
+    if n == 0:
         raise ParameterError(what)
-    if v.size < minimum:
-        warnings.warn(f"only {v.size} voxels in the noise-reference set (< {minimum}): the band quantiles are "
+    if n < minimum:
+        warnings.warn(f"only {n} voxels in the noise-reference set (< {minimum}): the band quantiles are "
                       "unstable (a larger box gives more background)", stacklevel=1)
-    return np.float64(K.quantile(v, level, method=method))
+    counts = None
+    if all(p[1] is not None for p in parts):
+        counts = sum(p[1] for p in parts)
+    return np.float64(K.quantile(vals, level, method=method, counts=counts))
 
 
 def _set_quantile(m: da.Array, sel: da.Array, *, level: float, method: str, empty_message: str,
                   minimum: int) -> da.Array:
-    """REDUCE: exact ``level``-quantile of ``m`` over ``sel`` (gathered), as a 0-d dask array."""
+    """REDUCE: exact ``level``-quantile of ``m`` over ``sel`` as a 0-d dask array.
+
+    Each block extracts its values and their radix histogram (in parallel);
+    one task merges the histograms and partitions the one bucket that holds
+    the quantile (:func:`chunkem.kernels.spiral.order_statistics`).
+    """
     mb = m.to_delayed(optimize_graph=False).ravel()
     sb = sel.to_delayed(optimize_graph=False).ravel()
-    args: list[Any] = []
-    for a, b in zip(mb, sb):
-        args.extend((a, b))
-    q = dask.delayed(_gather_quantile, pure=True)(float(level), method, empty_message, int(minimum), *args)
+    parts = [dask.delayed(_block_values, pure=True, nout=2)(a, b) for a, b in zip(mb, sb)]
+    q = dask.delayed(_gather_quantile, pure=True)(float(level), method, empty_message, int(minimum), *parts)
     return da.from_delayed(q, shape=(), dtype=np.float64)
 
 

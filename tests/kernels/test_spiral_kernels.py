@@ -269,3 +269,23 @@ def test_shared_x_solve_with_uncentred_abscissae_matches_polyfit():
     r2 = 1 - (resid**2).sum(0) / ((ys.reshape(6, -1) - ys.reshape(6, -1).mean(0)) ** 2).sum(0)
     np.testing.assert_allclose(sol[2].ravel(), r2, atol=2e-3)
     assert np.all(sol[3] == 6)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal", "ties", "inf"])
+def test_radix_order_statistics_equal_partition(kind):
+    """The radix pre-selection (large float32 inputs, given in parts) == np.partition of the whole."""
+    rng = np.random.default_rng(3)
+    n = (1 << 20) + 12345
+    v = {"uniform": rng.random(n), "normal": rng.normal(size=n), "ties": np.round(rng.random(n) * 40) - 20,
+         "inf": np.where(rng.random(n) < 0.01, np.inf, rng.random(n))}[kind].astype(np.float32)
+    parts = [v[:1000], v[1000:500_000], v[500_000:]]
+    ranks = [0, 1, n // 4, int(0.9 * n), int(0.9 * n) + 1, n - 1]
+    want = np.partition(v, ranks)[ranks]
+    assert K.order_statistics(parts, ranks) == tuple(float(x) for x in want)
+    counts = sum(K.radix_counts(p) for p in parts)
+    assert K.order_statistics(parts, ranks, counts=counts) == tuple(float(x) for x in want)
+    for level in (0.25, 0.9):
+        pos = n * level - 0.5
+        lo = int(math.floor(pos))
+        a, b = np.partition(v, [lo, lo + 1])[[lo, lo + 1]].astype(np.float64)
+        assert K.quantile(parts, level) == a + (pos - lo) * (b - a)
