@@ -716,6 +716,38 @@ def band_norms(wn: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
     return np.array([np.sum(hat_multiplier(srad, centres, b) ** 2) / n for b in range(len(centres))])
 
 
+def window_band_amplitudes(windows: np.ndarray, wn: Sequence[int], voxel_size: Sequence[float]) -> np.ndarray:
+    """Fast-mode amplitude per band of a stack of (noise) windows.
+
+    The square root of the band energy ``mean(band_b²)`` that each hat band
+    would have, averaged over the windows, divided by :func:`band_norms`:
+    the ``sqrt(E_b / norm_b)`` scale of the fast mode's local profiles.
+
+    Parameters
+    ----------
+    windows
+        ``(n, wz, wy, wx)`` real windows (``wn`` voxels each).
+    wn, voxel_size
+        Window edge in voxels and voxel size (Å), per axis.
+    """
+    w = tuple(int(n) for n in np.broadcast_to(np.asarray(wn), (3,)))
+    v = tuple(float(x) for x in np.broadcast_to(np.asarray(voxel_size, dtype=np.float64), (3,)))
+    centres = band_centres(w, v)
+    F = scipy.fft.rfftn(np.asarray(windows, dtype=np.float64), axes=(1, 2, 3))
+    kz = np.fft.fftfreq(w[0], d=v[0])[:, None, None]
+    ky = np.fft.fftfreq(w[1], d=v[1])[None, :, None]
+    kx = np.fft.rfftfreq(w[2], d=v[2])[None, None, :]
+    srad = np.sqrt(kz * kz + ky * ky + kx * kx)
+    hw = np.full(srad.shape, 2.0)  # half-space: count each Friedel pair twice …
+    hw[:, :, 0] = 1.0  # … except the self-conjugate planes
+    if w[2] % 2 == 0:
+        hw[:, :, -1] = 1.0
+    nw = float(np.prod(w))
+    power = np.mean(np.abs(F) ** 2, axis=0) * hw / (nw * nw)
+    e = np.array([np.sum(power * hat_multiplier(srad, centres, k) ** 2) for k in range(len(centres))])
+    return np.sqrt(e / band_norms(w, v))
+
+
 def hat_multiplier(s: np.ndarray, centres: np.ndarray, band: int) -> np.ndarray:
     """Linear-interpolation hat of ``band`` on equally spaced ``centres`` (``b·Δ``) at ``|s|``.
 

@@ -222,20 +222,7 @@ def noise_profile(
         plan = KL.window_plan(wn_t, vs, "exact" if mode == "exact" else "locscale2")
         prof = KL.window_profiles(wins, plan)
         return np.sqrt(np.mean(prof * prof, axis=0))
-    centres = KL.band_centres(wn_t, vs)
-    F = scipy.fft.rfftn(wins, axes=(1, 2, 3))
-    kz = np.fft.fftfreq(wn_t[0], d=vs[0])[:, None, None]
-    ky = np.fft.fftfreq(wn_t[1], d=vs[1])[None, :, None]
-    kx = np.fft.rfftfreq(wn_t[2], d=vs[2])[None, None, :]
-    srad = radius(kz, ky, kx)
-    hw = np.full(srad.shape, 2.0)
-    hw[:, :, 0] = 1.0
-    if wn_t[2] % 2 == 0:
-        hw[:, :, -1] = 1.0
-    nw = float(np.prod(wn_t))
-    power = np.mean(np.abs(F) ** 2, axis=0) * hw / (nw * nw)
-    e = np.array([np.sum(power * KL.hat_multiplier(srad, centres, k) ** 2) for k in range(len(centres))])
-    return np.sqrt(e / KL.band_norms(wn_t, vs))
+    return KL.window_band_amplitudes(wins, wn_t, vs)
 
 
 def _hat_kernel(F, *, kz, ky, kx, centres, band):

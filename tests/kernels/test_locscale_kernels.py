@@ -223,3 +223,17 @@ def test_fast_band_blocks_sum_to_fast_block():
     parts = sum(KL.fast_band_block(e, r, mask, wn=(6, 6, 8)) for e, r in zip(em, ref))
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-6)
     assert np.count_nonzero(whole) > 500
+
+
+def test_window_band_amplitudes_of_white_noise_equal_sigma():
+    # white noise: every ortho Fourier coefficient has E|F|² = σ², so every
+    # band's amplitude is σ (to the sampling error of 400 windows)
+    rng = np.random.default_rng(3)
+    sigma = 2.5
+    wins = rng.normal(0.0, sigma, size=(400, 12, 14, 16))
+    amp = KL.window_band_amplitudes(wins, (12, 14, 16), (1.0, 1.2, 0.9))
+    assert amp.shape == KL.band_centres((12, 14, 16), (1.0, 1.2, 0.9)).shape
+    np.testing.assert_allclose(amp[1:], sigma, rtol=0.05)
+    # scaling the windows scales every band
+    np.testing.assert_allclose(KL.window_band_amplitudes(3 * wins, (12, 14, 16), (1.0, 1.2, 0.9)), 3 * amp,
+                               rtol=1e-10)
