@@ -114,6 +114,20 @@ def rscc_in_mask(a: Path, b: Path, mask: Path) -> float:
     return float((x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum()))
 
 
+def fdr_agreement(chunkem_conf: Path, emmer_npy: Path) -> dict:
+    """Agreement of two confidence maps: voxels whose 1 %-FDR decision differs, and the masks' Dice."""
+    import mrcfile
+
+    with mrcfile.open(chunkem_conf, permissive=True) as f:
+        a = np.asarray(f.data, dtype=np.float64)
+    b = np.load(emmer_npy).astype(np.float64)
+    if b.shape != a.shape:
+        return {"fdr_note": f"emmer map shape {b.shape} != {a.shape}"}
+    ma, mb = a >= 0.99, b >= 0.99
+    return {"mask_disagree_frac": float(np.mean(ma != mb)),
+            "mask_dice": float(2 * np.sum(ma & mb) / max(1, ma.sum() + mb.sum()))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[128])
@@ -151,18 +165,26 @@ def main() -> int:
                 row["rscc_vs_truth"] = rscc_in_mask(out, d / "truth.mrc", d / "mask.mrc")
             rows.append(row)
             print(row, flush=True)
-        r = timed([PY, "-m", "chunkem.cli.main", "fdr", "full.mrc", "chunkem_conf.mrc", "--cluster", "threads",
-                   "--no-progress"], d, d / "chunkem_fdr.log", env)
-        rows.append({"size": size, "tool": "chunkem fdr", "mode": "BY 1%", **r})
+        box = 20  # the same noise-box edge for both tools (emmer's window_size)
+        r = timed([PY, "-m", "chunkem.cli.main", "fdr", "full.mrc", "chunkem_conf.mrc", "--noise-box", str(box),
+                   "--cluster", "threads", "--no-progress"], d, d / "chunkem_fdr.log", env)
+        rows.append({"size": size, "tool": "chunkem fdr", "mode": f"BY 1%, box {box}", **r})
         print(rows[-1], flush=True)
         if peer and args.emmer_venv:
-            code = ("import mrcfile;from emmer.ndimage.mask.compute_confidence_map import compute_confidence_map;"
-                    "m=mrcfile.open('full.mrc').data;compute_confidence_map(m,1.0,20)")
+            code = ("import mrcfile, numpy as np;"
+                    "from emmer.ndimage.mask.compute_confidence_map import compute_confidence_map;"
+                    "m=mrcfile.open('full.mrc').data;"
+                    f"c=compute_confidence_map(m,1.0,{box});"
+                    "np.save('emmer_conf.npy', np.asarray(c[0] if isinstance(c, tuple) else c))")
             r = timed([str(Path(args.emmer_venv) / "bin" / "python"), "-c", code], d, d / "emmer_fdr.log", env)
-            rows.append({"size": size, "tool": "emmer fdr", "mode": "window 20", **r})
+            row = {"size": size, "tool": "emmer fdr", "mode": f"BY 1%, window {box}", **r}
+            if r["rc"] == 0 and (d / "chunkem_conf.mrc").exists():
+                row.update(fdr_agreement(d / "chunkem_conf.mrc", d / "emmer_conf.npy"))
+            rows.append(row)
             print(rows[-1], flush=True)
 
-    cols = ["size", "tool", "mode", "rc", "wall_s", "max_rss_mb", "rscc_vs_locscale", "rscc_vs_truth"]
+    cols = ["size", "tool", "mode", "rc", "wall_s", "max_rss_mb", "rscc_vs_locscale", "rscc_vs_truth",
+            "mask_dice", "mask_disagree_frac"]
     lines = ["\t".join(cols)]
     for r in rows:
         lines.append("\t".join(f"{r.get(c, ''):.3f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
