@@ -63,6 +63,11 @@ __all__ = [
     "effective_band_sigma",
     "windowed_band_fsc",
     "resolution_from_bands",
+    "crossing_state_init",
+    "crossing_step",
+    "crossing_state_frequency",
+    "crossing_state_resolution",
+    "local_fsc_band_step",
     "raised_cosine_highpass",
     "raised_cosine_lowpass",
     "monogenic_filter",
@@ -465,9 +470,21 @@ def gaussian_band(s: np.ndarray, *, centre: float, sigma: float) -> np.ndarray:
 
 def band_pass(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, centre: float,
               sigma: float) -> np.ndarray:
-    """Fourier kernel (for ``engine.spectral.apply``): ``F`` times :func:`gaussian_band` of ``|k|`` (1/Å)."""
-    s = np.sqrt(kz**2 + ky**2 + kx**2)
-    return (F * gaussian_band(s, centre=centre, sigma=sigma)).astype(np.complex64)
+    """Fourier kernel (for ``engine.spectral.apply``): ``F`` times :func:`gaussian_band` of ``|k|`` (1/Å).
+
+    The DC term is set to 0: the exact mode subtracts each window's mean
+    before the FFT, so a constant offset of the maps must not leak into the
+    lowest bands (the fast mode is then invariant to it, as the exact one).
+    """
+    f32 = np.float32
+    s = np.sqrt((kz**2 + ky**2).astype(f32) + (kx**2).astype(f32))
+    t = s - f32(centre)
+    t *= t
+    t *= f32(-1.0 / (4.0 * sigma * sigma))
+    band = np.exp(t, out=t)
+    band[s == 0] = 0.0
+    out = np.asarray(F, dtype=np.complex64) * band
+    return out
 
 
 def effective_band_sigma(window: float) -> float:
@@ -486,6 +503,7 @@ def windowed_band_fsc(
     h2: np.ndarray,
     *,
     box: Sequence[int],
+    halo: bool = False,
     rel_eps: float = 1e-5,
     workers: int = 1,
 ) -> np.ndarray:
@@ -494,10 +512,7 @@ def windowed_band_fsc(
     ``FSC(v) = S12 / sqrt(S11 S22)`` with
     ``Sab(v) = sum_i w(i)^2 ha(v - box//2 + i) hb(v - box//2 + i)`` (the
     window of :func:`local_fsc_exact`, ``w`` = :func:`hann_window`). The
-    sums are linear correlations done with zero-padded FFTs of the block:
-    exact wherever the block holds the whole window (``box // 2`` voxels
-    below, ``box - box // 2 - 1`` above: a halo); beyond the block the map
-    counts as zero, so at the true map edge the window is truncated.
+    sums are correlations done with FFTs of the block.
 
     Parameters
     ----------
@@ -505,6 +520,15 @@ def windowed_band_fsc(
         Band-passed half-map blocks.
     box
         Window edge per axis (voxels).
+    halo
+        False: linear correlation (the block is zero-padded by ``box - 1``
+        before the FFT): exact wherever the block holds the whole window
+        (``box // 2`` voxels below, ``box - box // 2 - 1`` above); beyond the
+        block the map counts as zero, so at the true map edge the window is
+        truncated. True: the block carries a halo of ``box // 2`` voxels on
+        every side (zeros beyond the true map edge, i.e. the same result)
+        and only the voxels at least ``box // 2`` from every face are used:
+        the FFT is then circular, without the extra padding (cheaper).
     rel_eps
         Voxels whose ``sqrt(S11 S22)`` is below ``rel_eps`` times its
         largest value in the block get FSC 0: where a map is exactly zero
@@ -522,11 +546,13 @@ def windowed_band_fsc(
     """
     shape = h1.shape
     box = tuple(int(b) for b in box)
-    fshape = tuple(scipy.fft.next_fast_len(n + b - 1, real=True) for n, b in zip(shape, box))
+    extra = (0, 0, 0) if halo else tuple(b - 1 for b in box)
+    fshape = tuple(scipy.fft.next_fast_len(n + e, real=True) for n, e in zip(shape, extra))
     a = np.asarray(h1, dtype=np.float32)
     b = np.asarray(h2, dtype=np.float32)
     prods = np.stack([a * b, a * a, b * b])
     spec = scipy.fft.rfftn(prods, s=fshape, axes=(1, 2, 3), workers=workers)
+    del prods
     ks = []
     for ax in range(3):
         w2 = hann_taper(box[ax]) ** 2
@@ -536,13 +562,20 @@ def windowed_band_fsc(
         kf = scipy.fft.rfft(k) if ax == 2 else scipy.fft.fft(k)
         ks.append(np.conj(kf))  # correlation: out[v] = sum_i k[i] p[v + i - box//2]
     spec *= (ks[0][:, None, None] * ks[1][None, :, None] * ks[2][None, None, :]).astype(np.complex64)
-    sums = scipy.fft.irfftn(spec, s=fshape, axes=(1, 2, 3), workers=workers)[:, :shape[0], :shape[1], :shape[2]]
-    s12, s11, s22 = sums[0], np.maximum(sums[1], 0), np.maximum(sums[2], 0)
-    den = np.sqrt(s11.astype(np.float64) * s22)
-    eps = rel_eps * float(den.max()) if den.size else 0.0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fsc = np.where(den > eps, s12 / np.where(den > eps, den, 1.0), 0.0)
-    return np.clip(fsc, -1.0, 1.0).astype(np.float32)
+    sums = scipy.fft.irfftn(spec, s=fshape, axes=(1, 2, 3), workers=workers, overwrite_x=True)
+    sums = sums[:, :shape[0], :shape[1], :shape[2]]
+    s12 = sums[0]
+    den = np.sqrt(np.maximum(sums[1], 0))  # sqrt(S11) sqrt(S22): no float32 overflow
+    den *= np.sqrt(np.maximum(sums[2], 0))
+    if halo:
+        lo = tuple(bx // 2 for bx in box)
+        inner = den[lo[0]:shape[0] - lo[0], lo[1]:shape[1] - lo[1], lo[2]:shape[2] - lo[2]]
+        eps = rel_eps * float(inner.max()) if inner.size else 0.0
+    else:
+        eps = rel_eps * float(den.max()) if den.size else 0.0
+    fsc = np.zeros(shape, dtype=np.float32)
+    np.divide(s12, den, out=fsc, where=den > eps)
+    return np.clip(fsc, -1.0, 1.0, out=fsc)
 
 
 def resolution_from_bands(
@@ -578,6 +611,105 @@ def resolution_from_bands(
     if mask is not None:
         d = np.where(np.asarray(mask) > 0.5, d, np.float32(fill))
     return d
+
+
+def crossing_state_init(mask: np.ndarray | None, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Start state of :func:`crossing_step`: 1 (the virtual DC band, FSC 1) in the mask, crossed elsewhere.
+
+    Voxels with ``mask <= 0.5`` start as crossed at ``s = 0`` (state -1) so
+    that no band work is spent on them. ``mask=None``: every voxel of
+    ``shape`` is active.
+    """
+    if mask is None:
+        return np.ones(tuple(shape), dtype=np.float32)
+    return np.where(np.asarray(mask) > 0.5, np.float32(1.0), np.float32(-1.0)).astype(np.float32)
+
+
+def crossing_step(state: np.ndarray, fsc: np.ndarray, *, f_prev: float, f_cur: float, first: bool,
+                  cutoff: float = 0.143) -> np.ndarray:
+    """One band of the running first-crossing rule of :func:`first_crossing`.
+
+    The state of a voxel is one float32: ``x >= 0`` (in fact ``>= cutoff``)
+    while its curve has not yet fallen below ``cutoff``, holding the FSC of
+    the previous band; ``x <= -1`` once it has, holding the crossing
+    frequency ``s = -1 - x`` (1/Å). Folding the bands ``1 ... n`` in order
+    and finishing with :func:`crossing_state_frequency` gives exactly
+    :func:`first_crossing` of the stacked curve (NaN counts as 0; a failure
+    of the first band gives ``s = 0``), without holding all bands at once.
+
+    Parameters
+    ----------
+    state
+        Current state (from :func:`crossing_state_init` or a previous step).
+    fsc
+        FSC of this band (same shape).
+    f_prev, f_cur
+        Frequencies (1/Å) of the previous band (0 for the first) and of this one.
+    first
+        True for the first band (its failure means no resolution: ``s = 0``).
+    cutoff
+        Threshold.
+    """
+    x = np.array(state, dtype=np.float32)  # a copy: the new state
+    c1 = np.asarray(fsc, dtype=np.float32)
+    active = x >= 0
+    fail = active & ~(c1 >= cutoff)  # NaN fails (counts as 0)
+    keep = active & ~fail
+    x[keep] = c1[keep]
+    if fail.any():
+        if first:
+            s = np.zeros(int(fail.sum()))
+        else:
+            v0 = x[fail].astype(np.float64) - cutoff
+            v1 = np.nan_to_num(c1[fail].astype(np.float64), nan=0.0) - cutoff
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = np.where(v0 != v1, v0 / (v0 - v1), 0.0)
+            s = f_prev + r * (f_cur - f_prev)
+        x[fail] = -1.0 - s
+    return x
+
+
+def crossing_state_frequency(state: np.ndarray, *, f_last: float) -> np.ndarray:
+    """Crossing frequency (1/Å) of a folded state: ``-1 - x`` if crossed, ``f_last`` if never."""
+    x = np.asarray(state, dtype=np.float64)
+    return np.where(x <= -1.0, -1.0 - x, f_last)
+
+
+def local_fsc_band_step(
+    h1: np.ndarray,
+    h2: np.ndarray,
+    state: np.ndarray,
+    *,
+    box: Sequence[int],
+    f_prev: float,
+    f_cur: float,
+    first: bool,
+    cutoff: float = 0.143,
+    workers: int = 1,
+) -> np.ndarray:
+    """Fast local FSC, one band on a block with a halo: windowed FSC then :func:`crossing_step`.
+
+    The block carries ``box // 2`` voxels of halo on every side (zeros beyond
+    the true map edge; :func:`windowed_band_fsc` with ``halo=True``). When
+    every voxel of the block's interior has already crossed (or is outside
+    the mask) the band is skipped: the state is returned unchanged, which is
+    what the step would give there anyway (halo voxels are discarded).
+    """
+    box = tuple(int(b) for b in box)
+    lo = tuple(b // 2 for b in box)
+    x = np.asarray(state, dtype=np.float32)
+    sh = x.shape
+    inner = x[lo[0]:sh[0] - lo[0], lo[1]:sh[1] - lo[1], lo[2]:sh[2] - lo[2]]
+    if inner.size == 0 or not (inner >= 0).any():
+        return x
+    fsc = windowed_band_fsc(h1, h2, box=box, halo=True, workers=workers)
+    return crossing_step(x, fsc, f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)
+
+
+def crossing_state_resolution(state: np.ndarray, *, f_last: float, best: float, worst: float) -> np.ndarray:
+    """Local resolution (Å, float32) of a folded state, clamped to ``[best, worst]``."""
+    s = crossing_state_frequency(state, f_last=f_last)
+    return crossing_to_resolution(s, best=best, worst=worst).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- MonoRes

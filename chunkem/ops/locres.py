@@ -377,12 +377,6 @@ def _exact_block(h1, h2, *rest, has_mask, **kw):
     return K.local_fsc_exact(h1, h2, mask, **kw)
 
 
-def _bands_block(*blocks, has_mask, **kw):
-    if has_mask:
-        return K.resolution_from_bands(*blocks[:-1], mask=blocks[-1], **kw)
-    return K.resolution_from_bands(*blocks, **kw)
-
-
 def _assign_block(*blocks, has_mask, **kw):
     if has_mask:
         return K.monores_assign(*blocks[:-1], mask=blocks[-1], **kw)
@@ -424,6 +418,10 @@ def _fill_outside(res: xr.DataArray, mask: xr.DataArray | None, fill: float, chu
 # --------------------------------------------------------------------------- local FSC
 
 
+def _state_init_block(*blocks, has_mask):
+    return K.crossing_state_init(blocks[0] if has_mask else None, blocks[0].shape)
+
+
 def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy, spacing, sigma):
     nyq = 1.0 / _nyquist_resolution(vs)
     centres = np.arange(1, int(math.floor(nyq / spacing + 1e-9)) + 1) * spacing
@@ -433,16 +431,19 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
     s1 = spectral.rfft(h1, strategy=strategy)
     s2 = spectral.rfft(h2, strategy=strategy)
     chunks = _work_chunks(h1)
-    bands = []
-    for c in centres:
+    start = _rechunk(mask if mask is not None else h1, chunks)
+    state = run_local(_state_init_block, start, reach=0.0, has_mask=mask is not None, name="crossing_state")
+    f_prev = 0.0
+    for j, c in enumerate(centres):
         b1 = spectral.irfft(spectral.apply(K.band_pass, s1, centre=float(c), sigma=sigma), chunks=chunks)
         b2 = spectral.irfft(spectral.apply(K.band_pass, s2, centre=float(c), sigma=sigma), chunks=chunks)
-        # windowed sums: linear correlation, the window is truncated at the true map edge
-        bands.append(run_local(K.windowed_band_fsc, b1, b2, reach=reach, box=box, name=f"local_fsc_{c:.4f}"))
-    vols = bands + ([mask] if mask is not None else [])
-    res = run_local(_bands_block, *vols, reach=0.0, has_mask=mask is not None,
-                    frequency=[0.0] + [float(c) for c in centres], cutoff=cutoff, best=best, worst=worst,
-                    name="local_resolution")
+        # windowed sums with a zero halo (the window is truncated at the true map edge), folded into the
+        # running first crossing; blocks whose voxels have all crossed skip the band
+        state = run_local(K.local_fsc_band_step, b1, b2, state, reach=reach, boundary=0.0, box=box, f_prev=f_prev,
+                          f_cur=float(c), first=j == 0, cutoff=cutoff, name=f"local_fsc_{c:.4f}")
+        f_prev = float(c)
+    res = run_local(K.crossing_state_resolution, state, reach=0.0, f_last=float(centres[-1]), best=best,
+                    worst=worst, name="local_resolution")
     return res, [float(c) for c in centres]
 
 

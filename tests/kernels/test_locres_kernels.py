@@ -245,3 +245,74 @@ def test_monores_postprocess_keeps_the_finer_value():
     filled = np.where(np.isfinite(raw), raw, 4.5)
     sm = ndi.gaussian_filter(filled.astype(np.float64), 2.0, mode="reflect", truncate=3.0)
     np.testing.assert_allclose(out, np.minimum(sm, filled), rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.05, 0.6))
+def test_running_crossing_fold_equals_first_crossing(seed, cutoff):
+    """Folding the bands one by one (the fast mode's running state) == first_crossing of the stacked curves."""
+    rng = np.random.default_rng(seed)
+    nb = int(rng.integers(1, 9))
+    shape = (3, 4, 5)
+    # curves drifting down through the cutoff, some NaN, some failing at band 1, some never crossing
+    curves = 1.0 - np.cumsum(rng.random((nb,) + shape) * 0.4, axis=0) + 0.2 * rng.standard_normal((nb,) + shape)
+    curves[rng.random(curves.shape) < 0.05] = np.nan
+    curves[:, 0, 0, 0] = 0.95  # never crosses
+    curves[0, 0, 0, 1] = cutoff / 2  # fails at the first band
+    curves = curves.astype(np.float32)
+    freq = np.r_[0.0, np.cumsum(0.01 + rng.random(nb) * 0.05)]
+    mask = rng.random(shape) > 0.2
+    state = K.crossing_state_init(mask.astype(np.float32))
+    for j in range(nb):
+        state = K.crossing_step(state, curves[j], f_prev=freq[j], f_cur=freq[j + 1], first=j == 0, cutoff=cutoff)
+    got = K.crossing_state_frequency(state, f_last=freq[-1])
+    stack = np.concatenate([np.ones((1,) + shape), curves.astype(np.float64)], axis=0)
+    ref = K.first_crossing(np.moveaxis(stack, 0, -1), freq, cutoff=cutoff)
+    np.testing.assert_allclose(got[mask], ref[mask], rtol=2e-6, atol=1e-7)
+    assert (got[~mask] == 0).all()  # outside the mask: crossed at s = 0 from the start
+    assert got[0, 0, 0] == freq[-1] or not mask[0, 0, 0]
+    res = K.crossing_state_resolution(state, f_last=freq[-1], best=1.0, worst=50.0)
+    bands = [c for c in curves]
+    np.testing.assert_allclose(res[mask], K.resolution_from_bands(*bands, frequency=freq, cutoff=cutoff, best=1.0,
+                                                                   worst=50.0)[mask], rtol=1e-5)
+
+
+def test_windowed_band_fsc_halo_mode_equals_zero_padded():
+    """halo=True on a zero-padded block (circular FFT, no extra padding) == the linear correlation inside."""
+    rng = np.random.default_rng(6)
+    a = rng.standard_normal((17, 19, 21)).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape)).astype(np.float32)
+    for box in [(6, 7, 8), (5, 5, 5), (9, 4, 11)]:
+        h = [bx // 2 for bx in box]
+        pad = [(x, x) for x in h]
+        got = K.windowed_band_fsc(np.pad(a, pad), np.pad(b, pad), box=box, halo=True)
+        got = got[h[0]:h[0] + 17, h[1]:h[1] + 19, h[2]:h[2] + 21]
+        np.testing.assert_allclose(got, K.windowed_band_fsc(a, b, box=box), atol=2e-5)
+
+
+def test_band_step_skips_only_finished_blocks():
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((16, 16, 16)).astype(np.float32)
+    b = (a + rng.standard_normal(a.shape)).astype(np.float32)
+    box = (6, 6, 6)
+    kw = dict(box=box, f_prev=0.1, f_cur=0.2, first=False, cutoff=0.143)
+    state = np.full(a.shape, 0.5, np.float32)
+    state[5:9, 5:9, 5:9] = -1.2  # crossed
+    ref = K.crossing_step(state, K.windowed_band_fsc(a, b, box=box, halo=True), **{k: kw[k] for k in kw if k != "box"})
+    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, state, **kw), ref)
+    # every interior voxel crossed: the band is skipped, even though the halo is not
+    done = state.copy()
+    done[3:13, 3:13, 3:13] = -1.3
+    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, done, **kw), done)
+    assert (ref[5:9, 5:9, 5:9] == -1.2).all()  # crossed voxels keep their state
+
+
+def test_band_pass_has_no_dc():
+    F = np.ones((4, 4, 3), np.complex64)
+    kz = np.fft.fftfreq(4)[:, None, None]
+    ky = np.fft.fftfreq(4)[None, :, None]
+    kx = np.fft.rfftfreq(4)[None, None, :]
+    out = K.band_pass(F, kz=kz, ky=ky, kx=kx, centre=0.1, sigma=0.2)
+    s = np.sqrt(kz**2 + ky**2 + kx**2)
+    assert out[0, 0, 0] == 0
+    np.testing.assert_allclose(out[s > 0].real, K.gaussian_band(s, centre=0.1, sigma=0.2)[s > 0], rtol=1e-6)
