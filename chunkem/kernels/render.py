@@ -561,15 +561,18 @@ def _scatter_add(out: np.ndarray, flat: np.ndarray, weights: np.ndarray) -> None
 
 
 _ROW_BUDGET = 1 << 16  # box voxels per atom batch of the separable render (fits the L2 cache)
-_ARANGE = np.arange(0)
+_PACK = (1 << 32) + 1
+_PACK_LIMIT = 1 << 31  # blocks (padded) up to this many voxels pack two indices into one int64
+_ARANGES: dict[int, np.ndarray] = {}
 
 
-def _arange(n: int) -> np.ndarray:
-    """``np.arange(n)`` from a cached, growing buffer (read-only use)."""
-    global _ARANGE
-    if _ARANGE.size < n:
-        _ARANGE = np.arange(max(n, 2 * _ARANGE.size))
-    return _ARANGE[:n]
+def _arange(n: int, step: int = 1) -> np.ndarray:
+    """``np.arange(n) * step`` (int64) from a cached, growing buffer (read-only use)."""
+    a = _ARANGES.get(step)
+    if a is None or a.size < n:
+        a = np.arange(max(n, 2 * (0 if a is None else a.size)), dtype=np.int64) * step
+        _ARANGES[step] = a
+    return a[:n]
 
 
 def _render_separable(
@@ -631,21 +634,24 @@ def _render_separable(
         ez *= amp[mem]
         ex = ex.transpose(1, 2, 0).copy()  # (N, T, kx)
         hx2 = h[2] * h[2]
-        r2x = r[mem] ** 2 / hx2
-        dzx = d2[0] / hx2
+        qz = r[mem] ** 2 / hx2 - d2[0] / hx2  # (kz, N): (R² − dz²)/h_x²
         dyx = d2[1] / hx2
         fflat = (first[:, 0] * py + first[:, 1]) * px + first[:, 2]
         edge = np.any((first < 0) | (first + (kz, ky, kx) > pshape), axis=1)
         zyb = ((np.arange(kz)[:, None] * ky + np.arange(ky)[None, :]) * kx)[:, :, None]
         zyo = ((np.arange(kz)[:, None] * py + np.arange(ky)[None, :]) * px)[:, :, None]
         nb = max(1, _ROW_BUDGET // K)
+        packed = pz * py * px < _PACK_LIMIT  # run starts as (block index) · 2³² + (box index), one int64
+        if packed:
+            zyp = (zyo << 32) + zyb
+            atp = (fflat << 32) + (np.arange(N) - np.arange(N) // nb * nb) * K  # atom's box: batch-local
         with np.errstate(invalid="ignore"):  # NaN run bounds mark rows that miss the ball
             for s in range(0, N, nb):
                 e = min(N, s + nb)
                 n = e - s
                 E = ez[:, None, s:e] * ey[None, :, s:e]  # (kz, ky, n, T)
                 box = np.matmul(E.reshape(kz * ky, n, T).transpose(1, 0, 2), ex[s:e])  # (n, kz*ky, kx)
-                q = np.sqrt(r2x[s:e] - dzx[:, None, s:e] - dyx[None, :, s:e])  # (kz, ky, n) half-run, voxels
+                q = np.sqrt(qz[:, None, s:e] - dyx[None, :, s:e])  # (kz, ky, n) half-run, voxels
                 ux = u[s:e, 2]
                 lo = np.ceil(ux - q)
                 ln = np.floor(ux + q)
@@ -665,13 +671,23 @@ def _render_separable(
                 lo = lo.astype(np.int64)
                 st = np.cumsum(ln)
                 st -= ln
-                rowb = (zyb + np.arange(n) * K + lo).ravel() - st  # box index of each run start, minus its rank
-                rowo = (zyo + fflat[s:e] + lo).ravel() - st  # block index of the same voxel, minus its rank
-                ai = _arange(P)
-                bidx = np.repeat(rowb, ln)
-                bidx += ai
-                flat = np.repeat(rowo, ln)
-                flat += ai
+                if packed:  # one repeat for both indices: flat · 2³² + box index (exact in int64)
+                    lo -= st.reshape(lo.shape)  # run start minus the rank of its first voxel
+                    lo *= _PACK
+                    lo += zyp
+                    lo += atp[s:e]
+                    both = np.repeat(lo.ravel(), ln)
+                    both += _arange(P, _PACK)
+                    bidx = both & 0xFFFFFFFF
+                    flat = both >> 32
+                else:
+                    rowb = (zyb + np.arange(n) * K + lo).ravel() - st  # box index of each run start, minus rank
+                    rowo = (zyo + fflat[s:e] + lo).ravel() - st  # block index of the same voxel, minus rank
+                    ai = _arange(P)
+                    bidx = np.repeat(rowb, ln)
+                    bidx += ai
+                    flat = np.repeat(rowo, ln)
+                    flat += ai
                 np.add.at(out, flat, box.ravel().take(bidx))
     blk = out.reshape(pz, py, px)[pad[0]:pad[0] + shp[0], pad[1]:pad[1] + shp[1], pad[2]:pad[2] + shp[2]]
     return np.ascontiguousarray(blk)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.integrate
 
+import chunkem.kernels.render as render_mod
 from chunkem.errors import ParameterError
 from chunkem.kernels.finite_resolution import ResolutionLimit, image_radius, radial_profile
 from chunkem.kernels.render import (
@@ -97,7 +98,7 @@ def test_anisotropic_render_equals_gemmi():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_isotropic_render_equals_direct_sum_over_voxels(seed):
+def test_isotropic_render_equals_direct_sum_over_voxels(seed, monkeypatch):
     """Fast separable path (float32 and float64) = the spec's per-voxel formula cut at r < radius.
 
     Atoms inside, across and beyond the block edges (boxes larger than the block), mixed
@@ -125,6 +126,10 @@ def test_isotropic_render_equals_direct_sum_over_voxels(seed):
     assert got32.dtype == np.float32 and ref.max() > 0
     np.testing.assert_allclose(got64, ref, rtol=1e-12, atol=1e-14 * ref.max())
     np.testing.assert_allclose(got32, ref, rtol=0, atol=2e-6 * ref.max())
+    with monkeypatch.context() as mp:  # the index path of blocks too large to pack two indices in an int64
+        mp.setattr(render_mod, "_PACK_LIMIT", 0)
+        big = render_block(shape, offset=off, voxel_size=vs, atoms=atoms, imaging=imaging, dtype=np.float64)
+    np.testing.assert_allclose(big, ref, rtol=1e-12, atol=1e-14 * ref.max())
 
 
 def test_radius_matches_gemmi_estimate():
