@@ -31,6 +31,13 @@ DEFAULTS: dict[str, Any] = {
     "fft-gather-limit": 1_500_000_000,
     # bytes per z-slab / z-pencil chunk in the slab FFT decomposition
     "fft-slab-bytes": 64 * 2**20,
+    # slab <-> pencil exchange of the slab FFT: "auto" | "rechunk" | "disk" (scratch files)
+    "fft-transpose": "auto",
+    # folder for the scratch files of "disk" transposes (None: dask's temporary-directory,
+    # else the system temp folder); name a shared folder to use them on a multi-node cluster
+    "fft-scratch": None,
+    # bytes per slab / pencil chunk when the exchange goes through disk
+    "fft-disk-slab-bytes": 256 * 2**20,
     # bytes of spectrum a pointwise Fourier kernel / shell sum handles at once
     "fft-kernel-bytes": 16 * 2**20,
     # compute backend: "auto" | "threads" | "local" | "slurm"

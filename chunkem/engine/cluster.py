@@ -333,7 +333,9 @@ def compute_session(
     Session
         Inside the block ``dask.compute`` (and :func:`compute`) run there.
         Clients and clusters started here are closed on exit; an existing
-        Client is left alone.
+        Client is left alone. Scratch files that out-of-core FFT transposes
+        wrote during the session (:mod:`chunkem.engine.transpose`) are removed
+        on exit.
 
     Examples
     --------
@@ -341,6 +343,21 @@ def compute_session(
     ...     s.kind
     'threads'
     """
+    from .transpose import clear_scratch, scratch_dirs
+
+    keep = len(scratch_dirs())
+    try:
+        with _open_session(scheduler=scheduler, cluster=cluster, workers=workers,
+                           threads_per_worker=threads_per_worker, memory_limit=memory_limit,
+                           cluster_config=cluster_config, nbytes_hint=nbytes_hint) as session:
+            yield session
+    finally:
+        clear_scratch(keep)  # scratch files of out-of-core FFT transposes made in this session
+
+
+@contextlib.contextmanager
+def _open_session(*, scheduler, cluster, workers, threads_per_worker, memory_limit, cluster_config,
+                  nbytes_hint) -> Iterator[Session]:
     scheduler = scheduler or config.get("scheduler")
     explicit_kind = cluster is not None
     kind = cluster or config.get("cluster") or "auto"

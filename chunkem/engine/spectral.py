@@ -142,26 +142,71 @@ def frequencies(shape, voxel_size, *, index=(0, 0, 0), block_shape=None) -> tupl
     return kz[:, None, None], ky[None, :, None], kx[None, None, :]
 
 
+def _workers() -> list[dict]:
+    """Scheduler records of the active distributed workers ([] on threads or when unknown)."""
+    from .cluster import active_client
+
+    client = active_client()
+    if client is None:
+        return []
+    try:
+        return list(client.scheduler_info(n_workers=-1)["workers"].values())
+    except TypeError:  # pragma: no cover - older distributed
+        return list(client.scheduler_info()["workers"].values())
+    except Exception:  # pragma: no cover
+        return []
+
+
 def worker_memory_limit() -> int | None:
     """Smallest memory limit (bytes) of the active distributed workers, or None.
 
     None on the threaded scheduler, when no worker has a limit, or when the
     scheduler cannot be asked.
     """
-    from .cluster import active_client
-
-    client = active_client()
-    if client is None:
-        return None
-    try:
-        workers = client.scheduler_info(n_workers=-1)["workers"].values()
-    except TypeError:  # pragma: no cover - older distributed
-        workers = client.scheduler_info()["workers"].values()
-    except Exception:  # pragma: no cover
-        return None
-    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    limits = [int(w.get("memory_limit") or 0) for w in _workers()]
     limits = [m for m in limits if m > 0]
     return min(limits) if limits else None
+
+
+TRANSPOSES = ("auto", "rechunk", "disk")
+
+
+def transpose_method(nbytes: int) -> str:
+    """How the slab FFT exchanges slabs and pencils: ``"rechunk"`` or ``"disk"``.
+
+    The ``chunkem.fft-transpose`` setting, or for ``"auto"`` (default):
+    ``"disk"`` (:func:`chunkem.engine.transpose.disk_rechunk`) on a
+    distributed cluster whose total worker memory is less than twice the
+    ``nbytes`` of spectrum exchanged, when the workers run on this machine
+    or ``chunkem.fft-scratch`` names a (shared) folder; else dask's rechunk.
+    """
+    method = config.get("fft-transpose", "auto") or "auto"
+    if method not in TRANSPOSES:
+        raise ParameterError(f"chunkem.fft-transpose must be one of {', '.join(TRANSPOSES)}, got {method!r}")
+    if method != "auto":
+        return method
+    workers = _workers()
+    total = sum(int(w.get("memory_limit") or 0) for w in workers)
+    if not workers or total <= 0 or nbytes < 0.5 * total:
+        return "rechunk"
+    if config.get("fft-scratch", None):
+        return "disk"
+    import socket
+
+    here = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    try:
+        here.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:  # pragma: no cover
+        pass
+    return "disk" if all(str(w.get("host", "")) in here for w in workers) else "rechunk"
+
+
+def _transpose(x: da.Array, chunks, method: str) -> da.Array:
+    if method == "disk":
+        from .transpose import disk_rechunk
+
+        return disk_rechunk(x, chunks)
+    return x.rechunk(chunks)
 
 
 def choose_strategy(shape, strategy: str = "auto") -> str:
@@ -213,14 +258,19 @@ def _ifft_z_block(f: np.ndarray) -> np.ndarray:
     return scipy.fft.ifft(np.asarray(f, dtype=np.complex64), axis=0).astype(np.complex64, copy=False)
 
 
-def _slab_bytes() -> int:
+def _slab_bytes(method: str = "rechunk") -> int:
     """Bytes per slab / pencil: the ``chunkem.fft-slab-bytes`` setting, at most 1/32
     of the smallest worker memory limit on a distributed cluster (a task holds a few
-    slab-sized arrays at once, next to the worker's own ~250 MB and its transfer buffers)."""
-    target = int(config.get("fft-slab-bytes", 64 * 2**20))
+    slab-sized arrays at once, next to the worker's own ~250 MB and its transfer buffers).
+    Through disk (``method="disk"``) no transfer buffers exist and fewer, larger pieces
+    pay: ``chunkem.fft-disk-slab-bytes``, at most 1/8 of the worker memory limit."""
+    if method == "disk":
+        target, share = int(config.get("fft-disk-slab-bytes", 256 * 2**20)), 8
+    else:
+        target, share = int(config.get("fft-slab-bytes", 64 * 2**20)), 32
     mem = worker_memory_limit()
     if mem is not None:
-        target = min(target, mem // 32)
+        target = min(target, mem // share)
     return max(1, target)
 
 
@@ -328,12 +378,13 @@ def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
         data = one.map_blocks(_rfftn_block, dtype=np.complex64, chunks=((nz,), (ny,), (nxh,)),
                               meta=np.empty((0, 0, 0), np.complex64))
     else:
-        target = _slab_bytes()
+        method = transpose_method(nz * ny * nxh * 8)
+        target = _slab_bytes(method)
         cz = _slab_z(nz, ny * nxh * 8, target, align=_common(x.chunks[0]))
         slabs = x.rechunk((cz, ny, nx))
         half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
                                 meta=np.empty((0, 0, 0), np.complex64))
-        pencils = half.rechunk(_pencil_chunks(nz, ny, nxh, target))
+        pencils = _transpose(half, _pencil_chunks(nz, ny, nxh, target), method)
         data = pencils.map_blocks(_fft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
     return Spectrum(data, shape, vs, org, vol.name, chunks, attrs)
 
@@ -379,8 +430,9 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
         zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
     target_chunks = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
     if choice != "gather":
-        cz = _slab_z(nz, ny * nxh * 8, align=_common(_axis_chunks(target_chunks, 0, nz)))
-        slabs = zinv.rechunk((cz, ny, nxh))
+        method = transpose_method(nz * ny * nxh * 8)
+        cz = _slab_z(nz, ny * nxh * 8, _slab_bytes(method), align=_common(_axis_chunks(target_chunks, 0, nz)))
+        slabs = _transpose(zinv, (cz, ny, nxh), method)
         real = slabs.map_blocks(_irfft2_block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
                                 meta=np.empty((0, 0, 0), np.float32))
     real = real.rechunk(target_chunks)
