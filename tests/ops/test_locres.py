@@ -152,11 +152,14 @@ def test_npc_median_matches_global_masked_fsc(npc):
 def test_npc_fast_vs_exact(npc):
     """Real half maps: fast agrees with exact about as well as exact agrees with itself one voxel away.
 
-    On these maps the local FSC hovers near 0.143 over several shells, so the
-    first crossing is noise-limited: exact(v) and exact(v + 1 voxel) agree
-    within one padded shell for only ~83 % of voxels. The ≥ 95 % target is
-    met on phantoms (test_exact_local_fsc_matches_truth_and_fast), here
-    fast-vs-exact is held to the exact mode's own voxel-to-voxel agreement.
+    On these maps (window 12 voxels) the local FSC hovers near 0.143 over
+    several shells, so the first crossing is noise-limited. Measured on the
+    whole mask (10 875 voxels): fast vs exact 85 % within one padded shell
+    1/(2·window), 93 % within one window shell 1/window; exact vs exact one
+    voxel away 87 % / 93 %. The issue's ≥ 95 % is met on the phantom
+    (test_exact_local_fsc_matches_truth_and_fast, 99 %), not here: the gap
+    is the exact mode's own per-voxel noise (see chunkem.ops.locres), so
+    fast-vs-exact is held to the exact mode's voxel-to-voxel agreement.
     """
     h1, h2, m = npc
     slab = m.values.copy()
