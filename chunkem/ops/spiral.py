@@ -462,6 +462,32 @@ def _done(acc: da.Array) -> da.Array:
     return tok.sum()
 
 
+#: Overlap band j's quantile and update with band j + 1's inverse FFTs (at most two bands in flight).
+OVERLAP_BANDS = True
+
+
+def _next_gate(m: da.Array, prev_done: da.Array | None, acc_done: da.Array) -> tuple[da.Array, da.Array]:
+    """Gate of band ``j + 1`` and the new "update done" token, given band ``j``'s amplitude ``m``.
+
+    With :data:`OVERLAP_BANDS`: band ``j``'s amplitude is complete and band
+    ``j - 1``'s update (``prev_done``) is done, so band ``j + 1``'s FFTs run
+    while band ``j``'s quantile and update finish (those are partly
+    single-threaded) and no more than two bands are ever in flight: memory
+    still does not grow with the band count. Otherwise band ``j``'s update
+    (``acc_done``) must be done first.
+    """
+    if not OVERLAP_BANDS:
+        return acc_done, acc_done
+    tok = _done(m)
+    if prev_done is not None:
+        tok = da.blockwise(_first, "", tok, "", prev_done, "", dtype=tok.dtype, meta=np.empty((), tok.dtype))
+    return tok, acc_done
+
+
+def _first(a: Any, b: Any) -> Any:
+    return a
+
+
 def _zeros(k: int, shape: Sequence[int], chunks) -> da.Array:
     return da.zeros((k, *shape), chunks=((k,), *chunks), dtype=np.float32)
 
@@ -730,6 +756,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
     inner = _inner_chunks(dvol.shape)
     sel = bg.data.rechunk(inner)
     dep = _require_molecule(dmask)
+    acc_done = dep
     ref_band = -1
     if mode == "bsharpen":
         L = K.box_length(dvol.shape, voxel_size(dvol))
@@ -747,7 +774,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
             acc = _update(K.bsharpen_update, acc, (c, m), q, band=j, ref_band=ref_band,
                           snr_weighting=snr_weighting)
         noise.append(q)
-        dep = _done(acc)
+        dep, acc_done = _next_gate(m, acc_done, _done(acc))
     M = _standardise(acc[0], sel, clip=True)
     W = _standardise(acc[1], sel, clip=False)
     vols, extra = _finish({"map": M, "quality": W}, dvol, lazy, {"noise": da.stack(noise)})
@@ -944,6 +971,7 @@ def locbfactor(
     probe_items = _check_probes(probes, dvol.shape)
     acc = _zeros(6 if drop_below_noise else 3, dvol.shape, inner)
     dep = _require_molecule(dmask)
+    acc_done = dep
     noise, samples = [], []
     for j in range(bank.n_bands):
         c, m = _band(spec, bank, j, dep, inner)
@@ -955,7 +983,7 @@ def locbfactor(
         if probe_items:
             idx = tuple(np.array([p[ax] for _, p in probe_items]) for ax in range(3))
             samples.append(m.vindex[idx])
-        dep = _done(acc)
+        dep, acc_done = _next_gate(m, acc_done, _done(acc))
     xc = x - x_mean
     x_sums = (float(xc.size), float(xc.sum()), float((xc * xc).sum()))
     sol = da.map_blocks(_guinier_solve_block, acc, x_mean=x_mean, min_points=2, x_sums=x_sums, dtype=np.float32,
@@ -1109,14 +1137,14 @@ def lococcupancy(
     inner = _inner_chunks(dvol.shape)
     sel = _molecule(dmask).data.rechunk(inner)
     acc = _zeros(1, dvol.shape, inner)
-    dep = None
+    dep = acc_done = None
     qs = []
     for j in range(bank.n_bands):
         c, m = _band(spec, bank, j, dep, inner)
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_MOL, minimum=0)
         acc = _update(K.occupancy_update, acc, (m,), q)
         qs.append(q)
-        dep = _done(acc)
+        dep, acc_done = _next_gate(m, acc_done, _done(acc))
     occ = acc[0] / np.float32(bank.n_bands)
     vols, extra = _finish({"occupancy": occ}, dvol, lazy, {"quantiles": da.stack(qs)})
     params = {"op": "lococcupancy", "mask": mask_info, "resolution_range_A": [float(r) for r in resolution_range],
