@@ -241,20 +241,17 @@ def test_chunk_invariance_uneven_chunks_and_fft_strategies():
 
 
 @pytest.mark.distributed
-def test_two_worker_cluster_matches_threads(small):
-    from distributed import Client, LocalCluster
-
+def test_two_worker_cluster_matches_threads(small, two_worker_client):
     avg, mask = small
     kw = dict(resolution_range=(15, 5), n_bands=3, band_sigma=0.025)
     ref = S.locbfactor(avg, mask=mask, **kw)
     occ_ref = S.lococcupancy(avg, mask=mask, resolution_range=(20, 8), n_bands=3)
     cv, cm = avg.chunk({"z": 20, "y": 24, "x": 40}), mask.chunk(20)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
-        assert len(client.scheduler_info()["workers"]) == 2
-        lb = S.locbfactor(cv, mask=cm, fft_strategy="slab", **kw)
-        oc = S.lococcupancy(cv, mask=cm, resolution_range=(20, 8), n_bands=3)
-        b, o = client.compute([lb.b_factor.data, oc.occupancy.data], sync=True)
+    client = two_worker_client
+    assert len(client.scheduler_info()["workers"]) == 2
+    lb = S.locbfactor(cv, mask=cm, fft_strategy="slab", **kw)
+    oc = S.lococcupancy(cv, mask=cm, resolution_range=(20, 8), n_bands=3)
+    b, o = client.compute([lb.b_factor.data, oc.occupancy.data], sync=True)
     np.testing.assert_allclose(b, ref.b_factor.values, atol=1e-2)
     assert np.mean(np.abs(o - occ_ref.occupancy.values) > 1e-6) < 1e-3
 
