@@ -137,7 +137,7 @@ def main() -> None:
         return
     rows = []
     header = ("op", "size", "bands", "quadrature", "inverse FFTs", "wall s", "build s", "inputs MB", "peak MB",
-              "peak - inputs MB")
+              "peak - inputs MB", "load 1-min before/after")
     for size in args.sizes:
         mp, kp = _phantom(size)
         for op in args.ops:
@@ -145,7 +145,9 @@ def main() -> None:
                 env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
                 cmd = [PY, str(Path(__file__).resolve()), "--child", "--map", str(mp), "--mask", str(kp), "--op", op,
                        "--bands", str(nb), "--threads", str(args.threads), "--quadrature", args.quadrature]
+                load0 = os.getloadavg()[0]
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                load1 = os.getloadavg()[0]
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)
                     raise SystemExit(f"{op} {size}³ {nb} bands failed")
@@ -153,7 +155,7 @@ def main() -> None:
                 n_inv = nb * (4 if args.quadrature == "riesz" else 3)
                 row = (op, f"{size}³", nb, args.quadrature, n_inv, f"{r['wall_s']:.1f}", f"{r['build_s']:.1f}",
                        f"{r['base_rss'] / 2**20:.0f}", f"{r['peak_rss'] / 2**20:.0f}",
-                       f"{(r['peak_rss'] - r['base_rss']) / 2**20:.0f}")
+                       f"{(r['peak_rss'] - r['base_rss']) / 2**20:.0f}", f"{load0:.1f}/{load1:.1f}")
                 rows.append(row)
                 print("  ".join(str(c) for c in row), flush=True)
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]

@@ -419,8 +419,9 @@ def _snr_weight(m: np.ndarray, q: float, snr_weighting: bool) -> np.ndarray:
 
 
 def _phase_cosine(c: np.ndarray, m: np.ndarray) -> np.ndarray:
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(m > 0, c / np.where(m > 0, m, 1), np.float32(1.0)).astype(np.float32)
+    out = np.ones(np.shape(m), dtype=np.float32)
+    np.divide(np.asarray(c, dtype=np.float32), m, out=out, where=np.asarray(m) > 0)
+    return out
 
 
 def spiral_update(acc: np.ndarray, c: np.ndarray, m: np.ndarray, *, q: float, snr_weighting: bool = True
@@ -429,10 +430,19 @@ def spiral_update(acc: np.ndarray, c: np.ndarray, m: np.ndarray, *, q: float, sn
 
     Returns a new array (the input is not modified).
     """
-    gate = (m >= np.float32(q)).astype(np.float32) * _snr_weight(m, q, snr_weighting)
-    out = np.array(acc, dtype=np.float32, copy=True)
-    out[0] += _phase_cosine(c, m) * gate
-    out[1] += gate
+    m = np.asarray(m, dtype=np.float32)
+    qf = np.float32(q)
+    if snr_weighting:
+        gate = m + qf
+        np.divide(m, gate, out=gate)
+        gate[m < qf] = 0
+    else:
+        gate = (m >= qf).astype(np.float32)
+    acc = np.asarray(acc, dtype=np.float32)
+    out = np.empty(acc.shape, dtype=np.float32)
+    np.add(acc[1], gate, out=out[1])
+    gate *= _phase_cosine(c, m)
+    np.add(acc[0], gate, out=out[0])
     return out
 
 
@@ -601,8 +611,9 @@ def _solve_slab_shared(acc: np.ndarray, *, x_mean: float, min_points: int, x_sum
 
 def occupancy_update(acc: np.ndarray, m: np.ndarray, *, q: float) -> np.ndarray:
     """LocOccupancy band update of ``acc`` (1, ...): count of bands with ``m ≥ q``."""
-    out = np.array(acc, dtype=np.float32, copy=True)
-    out[0] += (m >= np.float32(q)).astype(np.float32)
+    acc = np.asarray(acc, dtype=np.float32)
+    out = np.empty(acc.shape, dtype=np.float32)
+    np.add(acc[0], np.asarray(m) >= np.float32(q), out=out[0], dtype=np.float32)
     return out
 
 

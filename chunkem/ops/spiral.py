@@ -16,11 +16,24 @@ Laziness
 --------
 For dask-backed input every op returns dask-backed results and computes
 nothing. The graph is *gated*: band ``j + 1``'s Fourier kernels depend on
-band ``j``'s finished accumulator update, so any scheduler runs the bands one
-after another (one band's arrays alive at a time) instead of starting every
+band ``j``'s finished amplitude and band ``j - 1``'s finished accumulator
+update, so any scheduler runs at most two bands at a time (band ``j``'s
+quantile and update overlap band ``j + 1``'s FFTs) instead of starting every
 band's FFTs at once or fusing all updates into one final task. Within a
-band the inverse FFTs also run one after another. numpy-backed input gives
+band the inverse FFTs run one after another. numpy-backed input gives
 numpy-backed results (computed at the end).
+
+Cost per band
+-------------
+4 inverse real FFTs of the whole box (Riesz; 3 with ``"eco"``) — exact
+Riesz needs them (two complex transforms would cost the same) — plus a few
+pointwise passes: the band filter, ``FH/|k|`` shared by the three Riesz
+components (each then one multiply by ``-i k_axis``), the running
+``c² + Σ r²`` with the square root fused into the last, an exact noise
+quantile (per-block value extraction and 16-bit radix histograms in
+parallel, then one bucket partitioned: no second pass, no subsample) and
+the accumulator update. Per-band real arrays are z-slabs (views of a
+gathered inverse FFT); outputs are rechunked to the input's chunks once.
 
 B-factor sign
 -------------
