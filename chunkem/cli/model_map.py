@@ -60,11 +60,16 @@ def main(args: argparse.Namespace) -> int:
     like = open_map(args.like, chunks=args.chunks) if args.like else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        vol = model_map(model, resolution=args.resolution, like=like, voxel_size=args.voxel_size,
-                        padding=args.padding, method=args.method, blur=args.blur, cutoff=args.cutoff,
-                        soft_edge=args.soft_edge, radius_factor=args.radius_factor, table=args.table,
-                        chunks=args.chunks)
+        def build():
+            return model_map(model, resolution=args.resolution, like=like, voxel_size=args.voxel_size,
+                             padding=args.padding, method=args.method, blur=args.blur, cutoff=args.cutoff,
+                             soft_edge=args.soft_edge, radius_factor=args.radius_factor, table=args.table,
+                             chunks=args.chunks)
+
+        vol = build()  # lazy: gives the grid (and the size that picks the session)
         with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
+            if session.client is not None:
+                vol = build()  # rebuilt inside the session: large atom tables are scattered to the workers
             print(f"chunkem model-map: {args.model} ({len(model)} atoms) -> {tuple(vol.shape)} "
                   f"voxels of {vol.attrs['voxel_size'][0]:.4g} Å on {session.describe()}")
             save(vol, out, progress=not args.no_progress)

@@ -25,7 +25,10 @@ import argparse
 import time
 import warnings
 
+import numpy as np
+
 from ..errors import ParameterError
+
 from .common import add_compute_args, check_output, compute_session, sidecar, write_json
 
 
@@ -102,12 +105,14 @@ def main(args: argparse.Namespace) -> int:
     particles = read_particles(args.particles, pixel_size=args.pixel_size, tomo_name=args.tomo_name, **grid)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        if like is not None:
-            vol = render_scene(model, particles, like=like, chunks=args.chunks, **_render_kw(args, center))
-        else:
-            vol = render_scene(model, particles, chunks=args.chunks, **grid, **_render_kw(args, center))
-        info_scene = vol.attrs["scene"]
-        with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
+        n_vox = int(like.size) if like is not None else int(np.prod(grid["shape"]))
+        with compute_session(args, nbytes_hint=n_vox * 4) as session:
+            # built inside the session: large atom tables are scattered to the workers
+            if like is not None:
+                vol = render_scene(model, particles, like=like, chunks=args.chunks, **_render_kw(args, center))
+            else:
+                vol = render_scene(model, particles, chunks=args.chunks, **grid, **_render_kw(args, center))
+            info_scene = vol.attrs["scene"]
             print(f"chunkem render-scene: {info_scene['n_copies_rendered']} of {len(particles)} copies of "
                   f"{args.model} ({len(model)} atoms) -> {tuple(vol.shape)} voxels of "
                   f"{vol.attrs['voxel_size'][0]:.4g} Å on {session.describe()}")
