@@ -68,6 +68,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,9 @@ import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from ..engine import spectral
 from ..engine.local import run_local
@@ -379,11 +383,16 @@ def _set_quantile(m: da.Array, sel: da.Array, *, level: float, method: str, empt
     one task merges the histograms and partitions the one bucket that holds
     the quantile (:func:`chunkem.kernels.spiral.order_statistics`).
     """
-    mb = m.to_delayed(optimize_graph=False).ravel()
-    sb = sel.to_delayed(optimize_graph=False).ravel()
-    parts = [dask.delayed(_block_values, pure=True, nout=2)(a, b) for a, b in zip(mb, sb)]
-    q = dask.delayed(_gather_quantile, pure=True)(float(level), method, empty_message, int(minimum), *parts)
-    return da.from_delayed(q, shape=(), dtype=np.float64)
+    if m.chunks != sel.chunks:
+        sel = sel.rechunk(m.chunks)
+    name = "band-quantile-" + tokenize(m.name, sel.name, level, method, minimum)
+    vname = "band-values-" + name[len("band-quantile-"):]
+    mk, sk = list(flatten(m.__dask_keys__())), list(flatten(sel.__dask_keys__()))
+    dsk: dict = {(vname, i): (_block_values, a, b) for i, (a, b) in enumerate(zip(mk, sk))}
+    dsk[(name,)] = (partial(_gather_quantile, float(level), method, empty_message, int(minimum)),
+                    *[(vname, i) for i in range(len(mk))])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[m, sel])
+    return da.Array(graph, name, chunks=(), dtype=np.float64, meta=np.empty((), np.float64))
 
 
 def _passthrough(block: np.ndarray, dep: Any) -> np.ndarray:
@@ -430,7 +439,7 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
     g = _gate(spec, dep)
     fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
                         scale=float(bank.scales[j]))
-    c = spectral.irfft(fh, chunks=chunks).data
+    c = _irfft_slabs(fh, chunks)
     sq = da.map_blocks(_square_block, c, dtype=np.float32)
     comps = K.quadrature_components(bank.quadrature)
     base = spectral.apply(K.riesz_base, fh) if bank.quadrature == "riesz" else fh
@@ -439,10 +448,28 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
             qspec = spectral.apply(K.riesz_component, base, component=comp)
         else:
             qspec = spectral.apply(K.quadrature_filter, fh, component=comp)
-        r = spectral.irfft(_gate(qspec, _done(sq)), chunks=chunks).data
+        r = _irfft_slabs(_gate(qspec, _done(sq)), chunks)
         last = i == len(comps) - 1
         sq = da.map_blocks(_add_square_sqrt_block if last else _add_square_block, sq, r, dtype=np.float32)
     return c, sq
+
+
+def _irfft_slabs(spec: spectral.Spectrum, chunks) -> da.Array:
+    """Inverse FFT in the z-slab ``chunks``; a one-chunk (gathered) inverse is split by views, not copied."""
+    if isinstance(spec.data, da.Array) and spec.data.npartitions == 1:
+        whole = spectral.irfft(spec, chunks=tuple(spec.shape)).data
+        (key,) = list(flatten(whole.__dask_keys__()))
+        name = "slabs-" + tokenize(whole.name, chunks)
+        starts = np.cumsum((0,) + tuple(chunks[0]))
+        dsk = {(name, i, 0, 0): (_z_view, key, int(a), int(b)) for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))}
+        graph = HighLevelGraph.from_collections(name, dsk, dependencies=[whole])
+        return da.Array(graph, name, chunks=(tuple(chunks[0]), (spec.shape[1],), (spec.shape[2],)), dtype=np.float32,
+                        meta=np.empty((0, 0, 0), np.float32))
+    return spectral.irfft(spec, chunks=chunks).data
+
+
+def _z_view(x: np.ndarray, z0: int, z1: int) -> np.ndarray:
+    return x[z0:z1]  # a view (dask's own getitem copies small slices)
 
 
 def _square_block(c: np.ndarray) -> np.ndarray:
@@ -465,14 +492,24 @@ def _token_block(a: np.ndarray) -> np.ndarray:
 
 
 def _done(acc: da.Array) -> da.Array:
-    """0-d array that exists once every block of ``acc`` is computed.
+    """0-d array that exists once every block of ``acc`` is computed (one graph layer).
 
-    Gating the next band on it runs the bands strictly one after another and
-    keeps the accumulator updates from being fused into one final task
+    A tiny token per block (blocks stay where they are on a cluster), then
+    one task joining the tokens. Gating the next band on it orders the bands
+    and keeps the accumulator updates from being fused into one final task
     (which would hold every band's amplitudes until the end).
     """
-    tok = acc.map_blocks(_token_block, dtype=np.int8, chunks=tuple((1,) * len(c) for c in acc.chunks))
-    return tok.sum()
+    name = "done-" + tokenize(acc.name)
+    tname = "done-token-" + name[len("done-"):]
+    keys = list(flatten(acc.__dask_keys__()))
+    dsk: dict = {(tname, i): (_token_block, k) for i, k in enumerate(keys)}
+    dsk[(name,)] = (_join_tokens, *[(tname, i) for i in range(len(keys))])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[acc])
+    return da.Array(graph, name, chunks=(), dtype=np.int8, meta=np.empty((), np.int8))
+
+
+def _join_tokens(*tokens: Any) -> np.ndarray:
+    return np.zeros((), dtype=np.int8)
 
 
 #: Overlap band j's quantile and update with band j + 1's inverse FFTs (at most two bands in flight).
