@@ -691,25 +691,36 @@ def local_fsc_band_step(
     f_cur: float,
     first: bool,
     cutoff: float = 0.143,
+    edge_pad: Sequence[tuple[int, int]] | None = None,
     workers: int = 1,
 ) -> np.ndarray:
     """Fast local FSC, one band on a block with a halo: windowed FSC then :func:`crossing_step`.
 
-    The block carries ``box // 2`` voxels of halo on every side (zeros beyond
-    the true map edge; :func:`windowed_band_fsc` with ``halo=True``). When
-    every voxel of the block's interior has already crossed (or is outside
-    the mask) the band is skipped: the state is returned unchanged, which is
-    what the step would give there anyway (halo voxels are discarded).
+    The block must carry ``box // 2`` voxels of halo on every side, except
+    on the sides listed in ``edge_pad`` (``(low, high)`` voxels per axis):
+    there it is padded with that many zeros first (the true map edge: the
+    map counts as zero beyond it, the window is truncated). The FSC is
+    :func:`windowed_band_fsc` with ``halo=True`` (circular FFT, no extra
+    padding). When every voxel at least ``box // 2`` from the faces of the
+    (padded) block has already crossed, or is outside the mask, the band is
+    skipped: the state is returned unchanged, which is what the step would
+    give there anyway (halo voxels are discarded by the caller).
     """
     box = tuple(int(b) for b in box)
     lo = tuple(b // 2 for b in box)
     x = np.asarray(state, dtype=np.float32)
+    pads = [(int(a), int(b)) for a, b in edge_pad] if edge_pad is not None else [(0, 0)] * 3
+    crop = tuple(slice(p[0], p[0] + n) for p, n in zip(pads, x.shape))
+    if any(p != (0, 0) for p in pads):
+        x = np.pad(x, pads, constant_values=-1.0)
+        h1 = np.pad(np.asarray(h1, dtype=np.float32), pads)
+        h2 = np.pad(np.asarray(h2, dtype=np.float32), pads)
     sh = x.shape
     inner = x[lo[0]:sh[0] - lo[0], lo[1]:sh[1] - lo[1], lo[2]:sh[2] - lo[2]]
     if inner.size == 0 or not (inner >= 0).any():
-        return x
+        return np.asarray(state, dtype=np.float32)
     fsc = windowed_band_fsc(h1, h2, box=box, halo=True, workers=workers)
-    return crossing_step(x, fsc, f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)
+    return crossing_step(x, fsc, f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)[crop]
 
 
 def crossing_state_resolution(state: np.ndarray, *, f_last: float, best: float, worst: float) -> np.ndarray:

@@ -439,6 +439,16 @@ def _state_init_block(*blocks, has_mask):
     return K.crossing_state_init(blocks[0] if has_mask else None, blocks[0].shape)
 
 
+def _band_step_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box, **kw):
+    """One band of the fast mode on a block; zeros beyond the true map edge (boundary "none" halos)."""
+    pads = []
+    for ax in range(3):
+        g0 = int(round((offset[ax] - origin[ax]) / voxel_size[ax]))
+        half = int(box[ax]) // 2
+        pads.append((half if g0 == 0 else 0, half if g0 + h1.shape[ax] == map_shape[ax] else 0))
+    return K.local_fsc_band_step(h1, h2, state, box=box, edge_pad=pads, **kw)
+
+
 def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy, spacing, sigma):
     nyq = 1.0 / _nyquist_resolution(vs)
     centres = np.arange(1, int(math.floor(nyq / spacing + 1e-9)) + 1) * spacing
@@ -449,6 +459,8 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
     s2 = spectral.rfft(h2, strategy=strategy)
     chunks = _work_chunks(h1)
     start = _rechunk(mask if mask is not None else h1, chunks)
+    org = tuple(float(o) for o in h1.attrs["origin"])
+    shape = tuple(int(n) for n in h1.shape)
     state = run_local(_state_init_block, start, reach=0.0, has_mask=mask is not None, name="crossing_state")
     f_prev = 0.0
     for j, c in enumerate(centres):
@@ -456,8 +468,9 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
         b2 = spectral.irfft(spectral.apply(K.band_pass, s2, centre=float(c), sigma=sigma), chunks=chunks)
         # windowed sums with a zero halo (the window is truncated at the true map edge), folded into the
         # running first crossing; blocks whose voxels have all crossed skip the band
-        state = run_local(K.local_fsc_band_step, b1, b2, state, reach=reach, boundary=0.0, box=box, f_prev=f_prev,
-                          f_cur=float(c), first=j == 0, cutoff=cutoff, name=f"local_fsc_{c:.4f}")
+        state = run_local(_band_step_block, b1, b2, state, reach=reach, with_offset=True, box=box, f_prev=f_prev,
+                          f_cur=float(c), first=j == 0, cutoff=cutoff, origin=org, map_shape=shape,
+                          name=f"local_fsc_{c:.4f}")
         f_prev = float(c)
     res = run_local(K.crossing_state_resolution, state, reach=0.0, f_last=float(centres[-1]), best=best,
                     worst=worst, name="local_resolution")
