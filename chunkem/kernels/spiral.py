@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -185,7 +186,7 @@ def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: f
     """
     kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
     s = (ky * ky + kx * kx) + kz * kz  # (y, x) plane first, then one full-size pass
-    near = np.nonzero(s < np.float32((7.0 * dc_sigma) ** 2))
+    near = _near_dc(kz, ky, kx, s, np.float32((7.0 * dc_sigma) ** 2))
     s_near = s[near].astype(np.float64)
     np.sqrt(s, out=s)
     s -= np.float32(centre)
@@ -194,9 +195,22 @@ def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: f
     if scale != 1.0:
         s += np.float32(math.log(scale))
     h = np.exp(s, out=s)
-    if near[0].size:
+    if s_near.size:
         h[near] *= (-np.expm1(-s_near / (2.0 * dc_sigma**2))).astype(np.float32)
     return h
+
+
+def _near_dc(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, s2: np.ndarray, limit: np.float32) -> Any:
+    """Index of the voxels with ``|k|² < limit``: from the 1-d axes when the arrays are (n,1,1), (1,n,1), (1,1,n)."""
+    if kz.shape[1:] == (1, 1) and ky.shape[::2] == (1, 1) and kx.shape[:2] == (1, 1) and s2.shape == (
+            kz.shape[0], ky.shape[1], kx.shape[2]):
+        axes = [np.flatnonzero(k.ravel() * k.ravel() < limit) for k in (kz, ky, kx)]
+        if any(a.size == 0 for a in axes):
+            return (np.empty(0, np.intp),) * 3
+        box = np.ix_(*axes)
+        inside = np.nonzero(s2[box] < limit)
+        return tuple(a[i] for a, i in zip(axes, inside))
+    return np.nonzero(s2 < limit)
 
 
 def band_powers(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, nx: int, voxel_x: float,
