@@ -62,19 +62,23 @@ class FilterSpec:
 def _fourier_terms(F: np.ndarray, *, kz, ky, kx, terms) -> np.ndarray:
     """Fourier kernel: multiply ``F`` by the product of the multiplier terms."""
     s = K.radius(kz, ky, kx)
-    m = np.ones(np.broadcast_shapes(np.shape(kz), np.shape(ky), np.shape(kx)), dtype=np.float64)
+    m = None
     for kind, p in terms:
         if kind == "lowpass":
-            m = m * K.lowpass_multiplier(s, cutoff=p["cutoff"], edge=p["edge"], width=p["width"])
+            t = K.lowpass_multiplier(s, cutoff=p["cutoff"], edge=p["edge"], width=p["width"])
         elif kind == "highpass":
-            m = m * K.highpass_multiplier(s, cutoff=p["cutoff"], edge=p["edge"], width=p["width"])
+            t = K.highpass_multiplier(s, cutoff=p["cutoff"], edge=p["edge"], width=p["width"])
         elif kind == "bfactor":
-            m = m * K.bfactor_multiplier(s, bfactor=p["bfactor"], convention=p["convention"])
+            t = K.bfactor_multiplier(s, bfactor=p["bfactor"], convention=p["convention"])
         elif kind == "gaussian":
-            m = m * K.gaussian_multiplier(kz, ky, kx, sigma=p["sigma"])
+            t = K.gaussian_multiplier(kz, ky, kx, sigma=p["sigma"])
         else:  # pragma: no cover - guarded by filter_volume
             raise ValueError(kind)
-    return (F * m.astype(np.float32)).astype(np.complex64, copy=False)
+        m = t if m is None else m * t
+    if m is None:
+        return np.asarray(F, dtype=np.complex64)
+    m = np.broadcast_to(np.asarray(m, dtype=np.float32), np.shape(F))
+    return np.multiply(F, m, dtype=np.complex64)
 
 
 def _check_resolution(vol: xr.DataArray, resolution: float, what: str) -> float:
