@@ -39,19 +39,9 @@ _LAZY = {
 
 def __getattr__(name: str):
     """Import a public name (or a subpackage such as ``chunkem.io``) on first use."""
-    import importlib
+    from ._lazy import lazy_attribute
 
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("_"):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return lazy_attribute(globals(), __name__, _LAZY, name, submodules=True)
 
 
 def __dir__() -> list[str]:

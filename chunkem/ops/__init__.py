@@ -14,21 +14,6 @@ _LAZY = {
 
 def __getattr__(name: str):
     """Import a public name on first use (``import chunkem.ops.fsc`` stays light)."""
-    import importlib
+    from .._lazy import lazy_attribute
 
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-__all__ = [
-    "apply_bfactor",
-    "bandpass",
-    "bin_volume",
-    "filter_volume",
-    "gaussian_smooth",
-    "highpass",
-    "lowpass",
-    "pyramid",
-]
+    return lazy_attribute(globals(), __name__, _LAZY, name)
