@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_compute_args, check_output, compute_session, sidecar, write_json
+from .common import add_compute_args, check_output, compute_session, sidecar, warm_matplotlib, write_json
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,7 @@ def main(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.map, args.noise_mask)
     mask_out = check_output(args.mask_out or _mask_path(out), args.map, args.noise_mask, out)
     t0 = time.perf_counter()
+    warm = warm_matplotlib()  # the PNG's imports overlap the computation
     vol = open_map(args.map, chunks=args.chunks, voxel_size=args.voxel_size)
     noise_mask = open_map(args.noise_mask, chunks=args.chunks) if args.noise_mask else None
     with compute_session(args, nbytes_hint=int(vol.size) * 8) as session:
@@ -72,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
     report = {"verb": "fdr", "input": args.map, "output": str(out), "mask_output": str(mask_out),
               **r.to_dict(), "compute": compute_info, "elapsed_s": round(elapsed, 3)}
     jp = write_json(sidecar(out, ".json"), report)
+    warm.join()
     r.plot(sidecar(out, ".png"))
     for w in r.warnings:
         print(f"warning: {w}")

@@ -19,11 +19,10 @@ Examples
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 import warnings
 
-from .common import add_compute_args, compute_session, write_json
+from .common import add_compute_args, compute_session, warm_matplotlib, write_json
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +48,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--voxel-size", type=float, metavar="Å", default=None, help="override the header voxel size")
     g.add_argument("--fft-strategy", choices=["auto", "gather", "slab"], default="auto")
     add_compute_args(parser)
-
-
-def _import_matplotlib() -> None:
-    try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except Exception:  # pragma: no cover - reported when plotting
-        pass
 
 
 def _fits_in_threads(args: argparse.Namespace, shape: tuple[int, int, int]) -> bool:
@@ -89,9 +80,7 @@ def main(args: argparse.Namespace) -> int:
     h1 = open_map(args.half1, chunks=args.chunks, voxel_size=args.voxel_size)
     h2 = open_map(args.half2, chunks=args.chunks, voxel_size=args.voxel_size)
     mask = open_map(args.mask, chunks=args.chunks, voxel_size=args.voxel_size) if args.mask else None
-    # matplotlib (for the PNG) imports on a side thread while the FFTs run
-    warm = threading.Thread(target=_import_matplotlib, daemon=True)
-    warm.start()
+    warm = warm_matplotlib()  # the PNG's imports overlap the FFTs
     if _fits_in_threads(args, tuple(int(n) for n in h1.shape)):
         args.cluster = "threads"
     with compute_session(args, nbytes_hint=int(h1.size) * 4) as session:

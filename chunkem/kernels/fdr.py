@@ -38,6 +38,7 @@ import scipy.special
 from ..errors import ParameterError
 
 __all__ = [
+    "ks_normal_distance",
     "METHODS",
     "default_noise_box",
     "noise_boxes",
@@ -142,6 +143,21 @@ def _factor(method: str, n: int) -> float:
     if method == "BY":
         return harmonic_number(n)
     raise ParameterError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def ks_normal_distance(z: np.ndarray) -> float:
+    """Kolmogorov–Smirnov distance of a standardised sample to the standard normal.
+
+    ``max_i max(i/n - Φ(z_(i)), Φ(z_(i)) - (i-1)/n)`` over the sorted sample
+    (the one-sample two-sided statistic), with Φ from :func:`scipy.special.ndtr`.
+    """
+    x = np.sort(np.asarray(z, dtype=np.float64).ravel())
+    n = x.size
+    if n == 0:
+        return math.nan
+    cdf = scipy.special.ndtr(x)
+    i = np.arange(1, n + 1, dtype=np.float64)
+    return float(max(np.max(i / n - cdf), np.max(cdf - (i - 1) / n)))
 
 
 def p_values(block: np.ndarray, *, mean: float, sigma: float) -> np.ndarray:

@@ -101,3 +101,11 @@ def test_tanh_lowpass_multiplier():
     assert m[0] == pytest.approx(1.0, abs=1e-6)
     assert m[1] == pytest.approx(0.5, abs=1e-6)
     assert m[2] < 1e-6
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 400), st.floats(-1.0, 1.0), st.floats(0.5, 2.0))
+def test_ks_normal_distance_equals_scipy_kstest(n, shift, scale):
+    z = np.random.default_rng(n).normal(shift, scale, size=n)
+    want = scipy.stats.kstest(z, "norm").statistic
+    assert KF.ks_normal_distance(z) == pytest.approx(want, abs=1e-12)
