@@ -18,9 +18,11 @@ and peak RSS, Python start-up included):
   a chunkem dependency): ``locscale -em full.mrc -mm modelmap.mrc -ma mask.mrc -res 3.2
   -np 2 -o ls_out.mrc``, and the RSCC (inside the mask) between its output and
   each chunkem mode;
-* with ``--emmer-venv DIR``: emmer's ``compute_confidence_map`` (window 20) on the same map.
+* with ``--emmer-venv DIR``: emmer's ``compute_confidence_map`` (window 20) on the same map
+  at every size, compared with ``chunkem fdr --noise-box 20`` (mask Dice, voxels whose
+  1 % decision differs).
 
-Sizes beyond the first run chunkem only (``--sizes 128 256 400``; the peers at 128³).
+Sizes beyond the first run chunkem and emmer only (``--sizes 128 256 400``; locscale at 128³).
 
 Usage::
 
@@ -170,7 +172,7 @@ def main() -> int:
                    "--cluster", "threads", "--no-progress"], d, d / "chunkem_fdr.log", env)
         rows.append({"size": size, "tool": "chunkem fdr", "mode": f"BY 1%, box {box}", **r})
         print(rows[-1], flush=True)
-        if peer and args.emmer_venv:
+        if args.emmer_venv:  # emmer's FDR is quick: at every size (its cost grows with the sort of all voxels)
             code = ("import mrcfile, numpy as np;"
                     "from emmer.ndimage.mask.compute_confidence_map import compute_confidence_map;"
                     "m=mrcfile.open('full.mrc').data;"
