@@ -492,6 +492,39 @@ def compute(*collections: Any, progress: bool | None = None, label: str = "", **
         return dask.compute(*collections, **kwargs)
 
 
+def memory_budget() -> int:
+    """Bytes of memory the active compute can hold results in.
+
+    The sum of the workers' memory limits on a distributed cluster (their
+    total memory when a worker has no limit), else the memory available to
+    this process (threaded scheduler).
+    """
+    import psutil
+
+    client = active_client()
+    if client is not None:
+        try:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+        except TypeError:  # pragma: no cover - older distributed
+            workers = client.scheduler_info()["workers"].values()
+        except Exception:  # pragma: no cover
+            workers = []
+        total = sum(int(w.get("memory_limit") or 0) for w in workers)
+        if total > 0:
+            return total
+    return int(psutil.virtual_memory().available)
+
+
+def fits_in_memory(nbytes: int, fraction: float = 0.25) -> bool:
+    """Whether ``nbytes`` of intermediate results fit in ``fraction`` of :func:`memory_budget`.
+
+    Ops use it to decide whether to persist an intermediate that several
+    passes read (then computed once) or to recompute it per pass (bounded
+    memory, out of core).
+    """
+    return int(nbytes) <= fraction * memory_budget()
+
+
 def persist(*collections: Any, progress: bool | None = None, label: str = "", **kwargs: Any) -> tuple:
     """``dask.persist`` with a progress bar (see :func:`compute`)."""
     show = _show(progress)

@@ -194,8 +194,12 @@ def histogram_edges(n_per_decade: int = 200, decades: int = 300) -> np.ndarray:
 def histogram_counts(p: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Counts of p-values in bins ``(edges[k], edges[k+1]]`` (zeros go to bin 0), int64."""
     nb = edges.size - 1
-    idx = np.clip(np.searchsorted(edges, np.asarray(p, dtype=np.float64).ravel(), side="left") - 1, 0, nb - 1)
-    return np.bincount(idx, minlength=nb).astype(np.int64)
+    p = np.asarray(p, dtype=np.float64).ravel()
+    small = p <= edges[-2]  # the rest (about half a map: p = 1 below the mean) is the last bin
+    idx = np.clip(np.searchsorted(edges, p[small], side="left") - 1, 0, nb - 1)
+    counts = np.bincount(idx, minlength=nb).astype(np.int64)
+    counts[nb - 1] += int(p.size - np.count_nonzero(small))
+    return counts
 
 
 def candidate_bound(counts: np.ndarray, edges: np.ndarray, *, n: int, method: str) -> float:

@@ -47,6 +47,7 @@ import scipy.special
 import xarray as xr
 
 from ..engine import spectral
+from ..engine.cluster import fits_in_memory, persist
 from ..errors import DataValueError, ParameterError
 from ..kernels import fdr as KF
 from ..kernels.filters import radius
@@ -320,8 +321,8 @@ def fdr_confidence(
         if lp < nyq:
             warnings.warn(f"lowpass {lp:g} Å is finer than Nyquist ({nyq:g} Å)", stacklevel=2)
         m = spectral.fourier_filter(vol, _tanh_kernel, cutoff=lp)
-        if lazy:
-            (m,) = dask.persist(m)
+        if lazy and fits_in_memory(int(m.size) * 4):
+            (m,) = persist(m)
     data = m.data if isinstance(m.data, da.Array) else da.from_array(np.asarray(m.data), chunks=m.shape)
     shape = tuple(int(n) for n in m.shape)
 
@@ -372,6 +373,8 @@ def fdr_confidence(
     # --- p-values (pointwise, lazy) and exact ranking (REDUCE + candidate gather)
     n_tests = n_in_sphere(shape) if sphere else int(np.prod(shape))
     pmap = data.map_blocks(_PBlock(mu, sigma, shape, sphere), dtype=np.float64, meta=np.empty((0, 0, 0)))
+    if isinstance(data, da.Array) and fits_in_memory(int(pmap.nbytes)):
+        (pmap,) = persist(pmap)  # four passes read the p-values: compute them once when they fit
     edges = KF.histogram_edges()
     blocks = pmap.to_delayed().ravel()
     hists = [dask.delayed(_hist)(b, edges) for b in blocks]

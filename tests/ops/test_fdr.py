@@ -56,6 +56,14 @@ def test_ranking_equals_a_full_sort_on_uneven_chunks(method):
     np.testing.assert_array_equal(chunked.confidence.values, whole.confidence.values)
     np.testing.assert_array_equal(chunked.mask.values, whole.mask.values)
     assert whole.n_selected == int((q <= 0.01).sum())
+    # out of core (p-values recomputed per pass instead of persisted): the same answer
+    import chunkem.ops.fdr as F
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(F, "fits_in_memory", lambda nbytes, fraction=0.25: False)
+        ooc = fdr_confidence(v.chunk({"z": 10, "y": 13, "x": 16}), method=method)
+    np.testing.assert_array_equal(ooc.confidence.values, whole.confidence.values)
+    assert ooc.n_selected == whole.n_selected
     assert whole.n_tests == n_in_sphere(a.shape) == int(KF.circular_mask_block(a.shape, full_shape=a.shape).sum())
     # the reported threshold separates selected from unselected voxels
     sel = np.asarray(whole.mask.values) > 0.5
