@@ -34,9 +34,14 @@ voxel, its all-mask time extrapolated)::
       256 chunkem monores                           960.5       960.5   0.367   0.249  0.887 ok
       256 TEMPy map_local_resolution                765.4     47950.6   0.316   0.265  0.960 ok
 
-400³ phantom (10 % mask, window 20.8 Å, 10 bands), fast local FSC,
-threads, 2 workers' worth: 258 s wall at load 5-6, 156 s CPU (the code
-before the running crossing / block skipping: 271 s CPU).
+Rerun at load 2.4 (``--sizes 128 --no-monores --exact-step 4``)::
+
+      128 chunkem localfsc fast                      14.9        14.9   0.278  -0.092  0.878 ok
+      128 chunkem localfsc exact step 4              30.2        30.2   0.285  -0.051  0.861 ok
+
+400³ phantom (10 % mask, window 20.8 Å, 10 bands), fast local FSC, 2
+threads: 160 s wall / 162 s CPU at load 2.5-3 (258 s wall at load 5-6);
+the code before the running crossing and block skipping took 271 s CPU.
 """
 
 from __future__ import annotations
