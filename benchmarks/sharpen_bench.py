@@ -50,9 +50,39 @@ Usage::
 Prints one table and writes it as TSV in the cache folder.
 
 Measured 2026-11-22 on the 2-core / 24 GB dev VM shared with other jobs (load
-average ~10 during the run; 128³, 1 Å, d = 3.2 Å, cctbx-base 2025.11):
+average 6.0 at the start, 2.7 at the end; 128³, 1 Å, d = 3.2 Å, 1100 residues,
+cctbx-base 2025.11; first chunkem run 60 s against 20-28 s later, load noise)::
 
-MEASURED_TABLE
+    tool       blur B0  wall s peak MB map b_iso solvent b_sharpen  b_iso    err CC truth CC peer
+    ---------------------------------------------------------------------------------------------
+    input            0                                                              0.762
+    oracle           0                                         0.0           0.0    0.916
+    chunkem          0    59.8     308      16.9   0.911      36.9  -20.0    0.0    0.895   0.983
+    chunkem-fs       0    28.0     292      16.9   0.878      16.9    0.0    0.0    0.912   0.998
+    cctbx            0    92.2     252      48.3   0.876       8.3   40.0    0.0    0.914
+    input           50                                                              0.913
+    oracle          50                                        50.0           0.0    0.916
+    chunkem         50    21.3     300      67.0   0.910      87.0  -20.0    0.0    0.895   0.983
+    chunkem-fs      50    19.7     300      67.0   0.878      67.0    0.0    0.0    0.912   0.998
+    cctbx           50    98.3     250      98.3   0.879      58.3   40.0    0.0    0.914
+    input          100                                                              0.843
+    oracle         100                                       100.0           0.0    0.916
+    chunkem        100    21.7     300     116.9   0.909     136.9  -20.0    0.0    0.895   0.983
+    chunkem-fs     100    19.1     292     116.9   0.878     116.9    0.0    0.0    0.912   0.998
+    cctbx          100    81.1     251     148.3   0.881     108.3   40.0    0.0    0.914
+
+Both tools undo the known blur exactly (err 0: each tool's Wilson estimate moves
+by B0 and its chosen target b_iso stays put). In absolute terms chunkem sharpens
+~29 Å² more than cctbx and the oracle (36.9 vs 8.3 vs 0 at B0 = 0): its solvent
+estimate (Otsu envelope, 0.911) is above the mask's 0.878 and cctbx's 0.876, so
+its contour is higher, fewer regions form and the score curve is flat (S/N 2.3,
+cctbx 19). Given the mask's solvent fraction (chunkem-fs) it lands within a grid step
+from cctbx (16.9 vs 8.3, CC 0.998 between the maps); chunkem's score kernel with
+cctbx's solvent fraction and region weight reproduces cctbx's per-B surface
+area and region counts within ~3 %. Separately, chunkem's starting b_iso (plain
+ln<|F|²> fit over 2.67-10 Å, 16.9) is 31 Å² below cctbx's ML-anisotropic value
+(48.3; the noise-free truth fits 60): the shells beyond ~3.4 Å are noise-dominated.
+This moves the search grid, not the blur recovery.
 """
 
 from __future__ import annotations
