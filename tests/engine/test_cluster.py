@@ -206,14 +206,18 @@ def test_deploy_slurm_yaml_makes_a_job_script():
     assert "--nworkers 2" in script and "--local-directory /tmp" in script
 
 
-def test_memory_budget_threads_and_cluster(two_worker_client):
-    import psutil
-
+def test_memory_budget_on_a_cluster(two_worker_client):
     from chunkem.engine.cluster import fits_in_memory, memory_budget
 
     limits = [w["memory_limit"] for w in two_worker_client.scheduler_info(n_workers=-1)["workers"].values()]
     assert memory_budget() == sum(limits)
     assert fits_in_memory(sum(limits) // 5) and not fits_in_memory(sum(limits) // 3)
-    two_worker_client.close()  # no client: the threaded scheduler's budget
+
+
+def test_memory_budget_on_threads():
+    import psutil
+
+    from chunkem.engine.cluster import memory_budget
+
     avail = psutil.virtual_memory().available
     assert abs(memory_budget() - avail) < 0.2 * avail
