@@ -47,7 +47,7 @@ import scipy.special
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.cluster import fits_in_memory, persist
+from ..engine.cluster import active_client, fits_in_memory, persist
 from ..errors import DataValueError, ParameterError
 from ..kernels import fdr as KF
 from ..kernels.filters import radius
@@ -244,6 +244,14 @@ class _QBlock:
         return out.astype(np.float32)
 
 
+def _hold_locally(nbytes: int) -> bool:
+    """Persist an intermediate that several passes read? Only on the threaded scheduler
+    (the persisted chunks then live in the graph itself) and when it fits a quarter of
+    the memory; on a distributed cluster persisted results are futures that the
+    returned (lazy) maps would not keep alive, so the passes recompute instead."""
+    return active_client() is None and fits_in_memory(nbytes)
+
+
 def _tanh_kernel(F, *, kz, ky, kx, cutoff):
     m = KF.tanh_lowpass_multiplier(radius(kz, ky, kx), cutoff=cutoff)
     return (F * m.astype(np.float32)).astype(np.complex64, copy=False)
@@ -321,7 +329,7 @@ def fdr_confidence(
         if lp < nyq:
             warnings.warn(f"lowpass {lp:g} Å is finer than Nyquist ({nyq:g} Å)", stacklevel=2)
         m = spectral.fourier_filter(vol, _tanh_kernel, cutoff=lp)
-        if lazy and fits_in_memory(int(m.size) * 4):
+        if lazy and _hold_locally(int(m.size) * 4):
             (m,) = persist(m)
     data = m.data if isinstance(m.data, da.Array) else da.from_array(np.asarray(m.data), chunks=m.shape)
     shape = tuple(int(n) for n in m.shape)
@@ -373,7 +381,7 @@ def fdr_confidence(
     # --- p-values (pointwise, lazy) and exact ranking (REDUCE + candidate gather)
     n_tests = n_in_sphere(shape) if sphere else int(np.prod(shape))
     pmap = data.map_blocks(_PBlock(mu, sigma, shape, sphere), dtype=np.float64, meta=np.empty((0, 0, 0)))
-    if isinstance(data, da.Array) and fits_in_memory(int(pmap.nbytes)):
+    if isinstance(data, da.Array) and _hold_locally(int(pmap.nbytes)):
         (pmap,) = persist(pmap)  # four passes read the p-values: compute them once when they fit
     edges = KF.histogram_edges()
     blocks = pmap.to_delayed().ravel()

@@ -60,7 +60,7 @@ def test_ranking_equals_a_full_sort_on_uneven_chunks(method):
     import chunkem.ops.fdr as F
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(F, "fits_in_memory", lambda nbytes, fraction=0.25: False)
+        mp.setattr(F, "_hold_locally", lambda nbytes: False)
         ooc = fdr_confidence(v.chunk({"z": 10, "y": 13, "x": 16}), method=method)
     np.testing.assert_array_equal(ooc.confidence.values, whole.confidence.values)
     assert ooc.n_selected == whole.n_selected
