@@ -24,21 +24,20 @@ volume is several times larger than the whole cluster's memory). Reported:
 wall time, throughput (input MB / s), peak RSS of each worker process
 (sampled every 0.2 s) and whether any worker died.
 
-Measured 2026-11-22 on the 2-core / 24 GB dev VM (load 1-3; cluster column
-not shown: that run still had the repeat-caching bug fixed since)::
+Measured 2026-11-22 on the 2-core / 24 GB dev VM (load ~2, best of 2)::
 
-    operation                    size  strategy  scipy s  threads s  thr/scipy  scipy MB/s
-    gaussian σ=2Å                256³  halo      0.91     0.72       0.79       73.8
-    rfft→lowpass→irfft           256³  gather    0.81     0.92       1.15       83.3
-    gaussian σ=2Å                512³  halo      7.12     4.56       0.64       75.4
-    rfft→lowpass→irfft           512³  slab      4.34     4.86       1.12       123.8
-    rfft→lowpass→irfft (gather)  512³  gather    3.53     5.04       1.43       151.9
+    operation                    size  strategy  scipy s  threads s  cluster s  thr/scipy  cl/scipy  scipy MB/s
+    gaussian σ=2Å                256³  halo      0.72     0.42       0.71       0.58       0.99      93.8
+    rfft→lowpass→irfft           256³  gather    0.36     0.39       0.57       1.08       1.56      185.3
+    gaussian σ=2Å                512³  halo      6.93     3.57       4.20       0.51       0.61      77.5
+    rfft→lowpass→irfft           512³  slab      3.42     4.32       7.17       1.26       2.10      156.9
+    rfft→lowpass→irfft (gather)  512³  gather    3.35     4.24       5.64       1.27       1.68      160.3
 
     out of core: lowpass 20 Å of 512×2048×2048 float32 (8.59 GB zarr → zarr),
     2 workers × 1 GB, 25,577 tasks, slab exchange through scratch files:
     wall 275.6 s, 31.2 MB/s, peak worker RSS 707 / 693 MB, no worker lost
     (the in-memory-rechunk exchange took 447 s, 19 MB/s, 941 / 916 MB)
-    → 25% of scipy's in-memory rfft→lowpass→irfft rate at 512³.
+    → 20% of scipy's in-memory rfft→lowpass→irfft rate at 512³ (156.9 MB/s above).
 
 Usage::
 
