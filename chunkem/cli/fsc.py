@@ -65,11 +65,11 @@ def _fits_in_threads(args: argparse.Namespace, shape: tuple[int, int, int]) -> b
 
     if config.get("scheduler", None) or (config.get("cluster", None) or "auto") != "auto":
         return False
-    import psutil
+    from ..engine.cluster import fits_in_memory
 
     nz, ny, nx = shape
     need = 2 * nz * ny * nx * 4 + 2 * nz * ny * (nx // 2 + 1) * 8
-    return need < 0.25 * psutil.virtual_memory().available
+    return fits_in_memory(need)  # no session yet: this process's available memory
 
 
 def main(args: argparse.Namespace) -> int:

@@ -273,6 +273,19 @@ def active_client():
         return None
 
 
+def worker_info() -> list[dict]:
+    """Scheduler records of the active cluster's workers (``[]`` on threads or when unknown)."""
+    client = active_client()
+    if client is None:
+        return []
+    try:
+        return list(client.scheduler_info(n_workers=-1)["workers"].values())
+    except TypeError:  # pragma: no cover - older distributed
+        return list(client.scheduler_info()["workers"].values())
+    except Exception:  # pragma: no cover
+        return []
+
+
 def _rechunk_settings() -> dict:
     """``array.rechunk.method`` from the ``chunkem.rechunk-method`` setting ("auto": dask decides)."""
     method = config.get("rechunk-method", "tasks")
@@ -495,23 +508,15 @@ def compute(*collections: Any, progress: bool | None = None, label: str = "", **
 def memory_budget() -> int:
     """Bytes of memory the active compute can hold results in.
 
-    The sum of the workers' memory limits on a distributed cluster (their
-    total memory when a worker has no limit), else the memory available to
-    this process (threaded scheduler).
+    The sum of the workers' memory limits on a distributed cluster, else
+    (threaded scheduler, or workers without limits) the memory available
+    to this process.
     """
     import psutil
 
-    client = active_client()
-    if client is not None:
-        try:
-            workers = client.scheduler_info(n_workers=-1)["workers"].values()
-        except TypeError:  # pragma: no cover - older distributed
-            workers = client.scheduler_info()["workers"].values()
-        except Exception:  # pragma: no cover
-            workers = []
-        total = sum(int(w.get("memory_limit") or 0) for w in workers)
-        if total > 0:
-            return total
+    total = sum(int(w.get("memory_limit") or 0) for w in worker_info())
+    if total > 0:
+        return total
     return int(psutil.virtual_memory().available)
 
 

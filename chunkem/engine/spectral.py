@@ -42,6 +42,7 @@ from .. import config
 from ..errors import GeometryError, ParameterError
 from ..volume import as_triple, like, make_volume, origin, voxel_size
 from .chunks import auto_chunks, slab_depth
+from .cluster import worker_info
 
 __all__ = [
     "Spectrum",
@@ -142,28 +143,13 @@ def frequencies(shape, voxel_size, *, index=(0, 0, 0), block_shape=None) -> tupl
     return kz[:, None, None], ky[None, :, None], kx[None, None, :]
 
 
-def _workers() -> list[dict]:
-    """Scheduler records of the active distributed workers ([] on threads or when unknown)."""
-    from .cluster import active_client
-
-    client = active_client()
-    if client is None:
-        return []
-    try:
-        return list(client.scheduler_info(n_workers=-1)["workers"].values())
-    except TypeError:  # pragma: no cover - older distributed
-        return list(client.scheduler_info()["workers"].values())
-    except Exception:  # pragma: no cover
-        return []
-
-
 def worker_memory_limit() -> int | None:
     """Smallest memory limit (bytes) of the active distributed workers, or None.
 
     None on the threaded scheduler, when no worker has a limit, or when the
     scheduler cannot be asked.
     """
-    limits = [int(w.get("memory_limit") or 0) for w in _workers()]
+    limits = [int(w.get("memory_limit") or 0) for w in worker_info()]
     limits = [m for m in limits if m > 0]
     return min(limits) if limits else None
 
@@ -185,7 +171,7 @@ def transpose_method(nbytes: int) -> str:
         raise ParameterError(f"chunkem.fft-transpose must be one of {', '.join(TRANSPOSES)}, got {method!r}")
     if method != "auto":
         return method
-    workers = _workers()
+    workers = worker_info()
     total = sum(int(w.get("memory_limit") or 0) for w in workers)
     if not workers or total <= 0 or nbytes < 0.5 * total:
         return "rechunk"

@@ -162,9 +162,10 @@ class FDRResult:
         ax.set_xlabel("(map - μ) / σ")
         ax.set_title(f"noise: KS distance {self.ks_distance:.3f}")
         nz, ny, nx = conf.shape
-        for a, (title, sl) in zip(axes[1:], (("z centre", (nz // 2, slice(None), slice(None))),
-                                             ("y centre", (slice(None), ny // 2, slice(None))))):
-            im = a.imshow(np.asarray(conf.data[sl]), origin="lower", vmin=0, vmax=1, cmap="viridis")
+        views = (("z centre", (nz // 2, slice(None), slice(None))), ("y centre", (slice(None), ny // 2, slice(None))))
+        planes = dask.compute(*[conf.data[sl] for _, sl in views])  # one pass for both slices
+        for a, (title, _), plane in zip(axes[1:], views, planes):
+            im = a.imshow(np.asarray(plane), origin="lower", vmin=0, vmax=1, cmap="viridis")
             a.set_title(f"confidence, {title}")
             fig.colorbar(im, ax=a, fraction=0.046)
         fig.suptitle(f"FDR {self.method} at {self.fdr:g}: {self.n_selected} voxels")
