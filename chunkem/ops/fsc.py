@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -27,7 +26,7 @@ import numpy as np
 import xarray as xr
 
 from ..engine import spectral
-from ..errors import DataValueError, GeometryError, ParameterError
+from ..errors import DataValueError, ParameterError
 from ..kernels import fsc as K
 from ..volume import check_aligned, like, validate_volume, voxel_size
 

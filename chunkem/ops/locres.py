@@ -102,7 +102,7 @@ import xarray as xr
 
 from ..engine import spectral
 from ..engine.local import run_local
-from ..errors import DataValueError, GeometryError, ParameterError
+from ..errors import DataValueError, ParameterError
 from ..kernels import locres as K
 from ..volume import check_aligned, like, validate_volume, voxel_size
 

@@ -84,7 +84,7 @@ from ..engine import spectral
 from ..engine.local import run_local
 from ..errors import GeometryError, ParameterError
 from ..kernels import spiral as K
-from ..volume import check_aligned, like, make_volume, origin, validate_volume, voxel_size
+from ..volume import check_aligned, like, origin, validate_volume, voxel_size
 
 __all__ = [
     "DEFAULT_BAND_SIGMA",
