@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: peer virtual environments and whole-process timing.
 
+* :func:`bench_cache` is a script's cache folder;
 * :func:`_venv` creates a venv (with an upgraded pip) once and returns its ``bin``;
 * :func:`timed` runs one command under ``/usr/bin/time -v`` and returns its
   wall time, peak RSS of the largest process and the peak RSS summed over the
@@ -11,6 +12,7 @@ script's own folder is on ``sys.path`` when it is run as a file).
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -18,6 +20,13 @@ import time
 from pathlib import Path
 
 PY = sys.executable
+
+
+def bench_cache(name: str) -> Path:
+    """``$CHUNKEM_BENCH_CACHE/name`` (default ``/tmp/chunkem-bench/name``), created."""
+    d = Path(os.environ.get("CHUNKEM_BENCH_CACHE", "/tmp/chunkem-bench")) / name
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 # --------------------------------------------------------------------------- peer environments

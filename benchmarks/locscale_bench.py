@@ -38,23 +38,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-PY = sys.executable
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import PY, bench_cache, timed  # noqa: E402
+
 RES = 3.2
 
 
 def _cache() -> Path:
-    d = Path(os.environ.get("CHUNKEM_BENCH_CACHE", "/tmp/chunkem-bench")) / "locscale"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return bench_cache("locscale")
 
 
 def build_case(size: int) -> Path:
@@ -78,29 +75,6 @@ def build_case(size: int) -> Path:
     save(ph.truth, d / "truth.mrc")
     (d / "done").write_text(json.dumps({"n_residues": n_res, "build_s": time.perf_counter() - t}))
     return d
-
-
-def timed(cmd: list[str], cwd: Path, log: Path, env: dict | None = None) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v; wall s, peak RSS MB, rc."""
-    tfile = log.with_suffix(".time")
-    full = (["/usr/bin/time", "-v", "-o", str(tfile)] if shutil.which("time") or Path("/usr/bin/time").exists()
-            else []) + cmd
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.run(full, cwd=cwd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
-    out = {"rc": rc, "wall_s": time.perf_counter() - t0, "max_rss_mb": float("nan")}
-    if tfile.exists():
-        text = tfile.read_text()
-        m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", text)
-        if m:
-            s = 0.0
-            for p in m.group(1).split(":"):
-                s = s * 60 + float(p)
-            out["wall_s"] = s
-        m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-        if m:
-            out["max_rss_mb"] = int(m.group(1)) / 1024.0
-    return out
 
 
 def rscc_in_mask(a: Path, b: Path, mask: Path) -> float:
@@ -185,7 +159,7 @@ def main() -> int:
             rows.append(row)
             print(rows[-1], flush=True)
 
-    cols = ["size", "tool", "mode", "rc", "wall_s", "max_rss_mb", "rscc_vs_locscale", "rscc_vs_truth",
+    cols = ["size", "tool", "mode", "rc", "wall_s", "rss_mb", "tree_mb", "rscc_vs_locscale", "rscc_vs_truth",
             "mask_dice", "mask_disagree_frac"]
     lines = ["\t".join(cols)]
     for r in rows:

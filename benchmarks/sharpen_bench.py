@@ -99,16 +99,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import PY, _run, _venv, timed  # noqa: E402
+from _peers import PY, _run, _venv, bench_cache, timed  # noqa: E402
 
 RES = 3.2
 B_ATOMS = 30.0
 
 
 def _cache() -> Path:
-    d = Path(os.environ.get("CHUNKEM_BENCH_CACHE", "/tmp/chunkem-bench")) / "sharpen"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return bench_cache("sharpen")
 
 
 def setup_cctbx(cache: Path) -> Path:

@@ -57,15 +57,16 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _peers import bench_cache  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
 RANGES = {"locbfactor": (15.0, 3.5), "locspiral": (25.0, 3.5), "lococcupancy": (25.0, 10.0)}
 
 
 def _cache() -> Path:
-    d = Path(os.environ.get("CHUNKEM_BENCH_CACHE", "/tmp/chunkem-bench")) / "spiral"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return bench_cache("spiral")
 
 
 def _phantom(size: int) -> tuple[Path, Path]:
