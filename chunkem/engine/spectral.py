@@ -51,6 +51,7 @@ __all__ = [
     "apply",
     "fourier_filter",
     "crop",
+    "window",
     "frequencies",
     "shell_index",
     "n_shells",
@@ -87,6 +88,15 @@ class Spectrum:
         Real-space chunks of the source Volume (``irfft`` restores them).
     attrs
         Attributes of the source Volume (header...).
+    embed
+        ``None`` for the spectrum of a whole grid. For a low-frequency
+        *window* (:func:`window`, ``rfft(..., limit=)``): the real-space
+        shape of the full grid the window was cut from; ``shape`` and
+        ``voxel_size`` then describe the window as a smaller grid with the
+        same physical frequencies, and :func:`irfft` zero-pads it back to
+        ``embed`` (frequencies outside the window are known to be zero).
+    embed_voxel_size
+        Voxel size (Å) of that full grid (``None`` unless ``embed`` is set).
     """
 
     data: Any
@@ -96,6 +106,18 @@ class Spectrum:
     name: str | None = None
     chunks: tuple | None = None
     attrs: dict = field(default_factory=dict)
+    embed: tuple[int, int, int] | None = None
+    embed_voxel_size: tuple[float, float, float] | None = None
+
+    @property
+    def real_shape(self) -> tuple[int, int, int]:
+        """Real-space shape that :func:`irfft` returns (``embed`` for a window, else ``shape``)."""
+        return tuple(self.embed) if self.embed is not None else tuple(self.shape)
+
+    @property
+    def real_voxel_size(self) -> tuple[float, float, float]:
+        """Voxel size (Å) of the grid that :func:`irfft` returns."""
+        return tuple(self.embed_voxel_size) if self.embed is not None else tuple(self.voxel_size)
 
     @property
     def fshape(self) -> tuple[int, int, int]:
@@ -244,6 +266,176 @@ def _ifft_z_block(f: np.ndarray) -> np.ndarray:
     return scipy.fft.ifft(np.asarray(f, dtype=np.complex64), axis=0).astype(np.complex64, copy=False)
 
 
+# --- band-limited windows (pruned transforms) --------------------------------
+
+
+def _window_length(n: int, d: float, limit: float, real: bool = False) -> int:
+    """Length ``m`` of the window of an axis (``n`` voxels of ``d`` Å) keeping ``|k| <= limit`` 1/Å.
+
+    The window keeps indices ``0..a`` and (complex axes) ``n-a..n-1`` with
+    ``a = floor(limit n d)``: an odd length ``m = 2a + 1``, or ``n`` (the
+    whole axis) once that reaches the axis' own extent.
+    """
+    a = int(np.floor(limit * n * d * (1.0 + 1e-12)))
+    if real:
+        return n if a >= n // 2 else 2 * a + 1
+    return n if 2 * a + 1 >= n else 2 * a + 1
+
+
+def _pad_axis(w: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """Zero-pad a window (length ``m``, FFT order) along ``axis`` back to ``n`` (FFT order)."""
+    m = w.shape[axis]
+    if m == n:
+        return w
+    shape = list(w.shape)
+    shape[axis] = n
+    out = np.zeros(shape, dtype=w.dtype)
+    h, t = (m + 1) // 2, m // 2
+    lo, hi, src = [slice(None)] * 3, [slice(None)] * 3, [slice(None)] * 3
+    lo[axis] = slice(0, h)
+    out[tuple(lo)] = w[tuple(lo)]
+    if t:
+        hi[axis], src[axis] = slice(n - t, n), slice(h, m)
+        out[tuple(hi)] = w[tuple(src)]
+    return out
+
+
+def _take_axis(f: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """The window of length ``m`` (FFT order) of ``f`` along ``axis`` (inverse of :func:`_pad_axis`)."""
+    n = f.shape[axis]
+    if m == n:
+        return f
+    h, t = (m + 1) // 2, m // 2
+    lo, hi = [slice(None)] * 3, [slice(None)] * 3
+    lo[axis], hi[axis] = slice(0, h), slice(n - t, n)
+    return np.concatenate([f[tuple(lo)], f[tuple(hi)]], axis=axis) if t else f[tuple(lo)].copy()
+
+
+def _z_steps(nz: int, plane_bytes: int, target: int = 32 * 2**20):
+    step = max(1, min(nz, target // max(1, plane_bytes)))
+    return [(z0, min(nz, z0 + step)) for z0 in range(0, nz, step)]
+
+
+def _rfft2_window_block(x: np.ndarray, my: int, mxh: int, workers: int | None = None) -> np.ndarray:
+    """rfft over x keeping ``mxh`` columns, fft over y keeping the ``my``-row window (z-slab)."""
+    a = scipy.fft.rfft(np.asarray(x, dtype=np.float32), axis=2, workers=workers)[:, :, :mxh]
+    b = scipy.fft.fft(a, axis=1, workers=workers)
+    return _take_axis(b, 1, my).astype(np.complex64, copy=False)
+
+
+def _fft_z_window_block(f: np.ndarray, mz: int) -> np.ndarray:
+    return _take_axis(scipy.fft.fft(np.asarray(f, dtype=np.complex64), axis=0), 0, mz).astype(np.complex64,
+                                                                                                copy=False)
+
+
+def _rfftn_window_block(x: np.ndarray, window: tuple[int, int, int]) -> np.ndarray:
+    """Window ``(mz, my, mx)`` of the rfftn of a whole block, transforming only what the window needs."""
+    x = np.asarray(x, dtype=np.float32)
+    nz, ny, nx = x.shape
+    mz, my, mx = window
+    mxh = mx // 2 + 1
+    part = np.empty((nz, my, mxh), dtype=np.complex64)
+    for z0, z1 in _z_steps(nz, ny * (nx // 2 + 1) * 8):
+        part[z0:z1] = _rfft2_window_block(x[z0:z1], my, mxh, workers=-1)
+    f = scipy.fft.fft(part, axis=0, workers=-1, overwrite_x=True)
+    return _take_axis(f, 0, mz).astype(np.complex64, copy=False)
+
+
+def _ifft_z_window_block(f: np.ndarray, nz: int) -> np.ndarray:
+    return scipy.fft.ifft(_pad_axis(np.asarray(f, dtype=np.complex64), 0, nz), axis=0).astype(np.complex64,
+                                                                                                copy=False)
+
+
+def _irfft2_window_block(f: np.ndarray, s: tuple[int, int], workers: int | None = None) -> np.ndarray:
+    """Zero-pad a (z-slab) window along y to ``ny``, ifft over y, irfft over x to ``nx`` (the x padding is irfft's)."""
+    ny, nx = s
+    h = scipy.fft.ifft(_pad_axis(np.asarray(f, dtype=np.complex64), 1, ny), axis=1, workers=workers,
+                       overwrite_x=True)
+    return scipy.fft.irfft(h, n=nx, axis=2, workers=workers).astype(np.float32, copy=False)
+
+
+def _irfftn_window_block(f: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Inverse of :func:`_rfftn_window_block`: only the lines the window touches are transformed."""
+    nz, ny, nx = shape
+    g = scipy.fft.ifft(_pad_axis(np.asarray(f, dtype=np.complex64), 0, nz), axis=0, workers=-1,
+                       overwrite_x=True).astype(np.complex64, copy=False)
+    out = np.empty(shape, dtype=np.float32)
+    for z0, z1 in _z_steps(nz, ny * g.shape[2] * 8):
+        out[z0:z1] = _irfft2_window_block(g[z0:z1], (ny, nx), workers=-1)
+    return out
+
+
+def _window_shape(shape, voxel_size, limit: float) -> tuple[int, int, int]:
+    nz, ny, nx = (int(n) for n in shape)
+    vz, vy, vx = as_triple(voxel_size, "voxel_size")
+    return (_window_length(nz, vz, limit), _window_length(ny, vy, limit), _window_length(nx, vx, limit, real=True))
+
+
+def _check_limit(limit: float) -> float:
+    lim = float(limit)
+    if not (np.isfinite(lim) and lim > 0):
+        raise ParameterError(f"limit must be a positive frequency in 1/Å, got {limit!r}")
+    return lim
+
+
+def _take_window_dask(x: da.Array, mz: int, my: int, mxh: int) -> da.Array:
+    """Lazy window of a half-space array in FFT order (slices and one concatenate per axis)."""
+    for axis, m in ((0, mz), (1, my)):
+        n = x.shape[axis]
+        if m == n:
+            continue
+        h, t = (m + 1) // 2, m // 2
+        lo = [slice(None)] * 3
+        hi = [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, h), slice(n - t, n)
+        x = da.concatenate([x[tuple(lo)], x[tuple(hi)]], axis=axis) if t else x[tuple(lo)]
+    return x[:, :, :mxh] if mxh < x.shape[2] else x
+
+
+def window(spec: Spectrum, limit: float) -> Spectrum:
+    """The low-frequency window ``|k_z|, |k_y|, |k_x| <= limit`` (1/Å) of a spectrum (lazy).
+
+    For band-limited work: a kernel whose output is zero beyond ``limit``
+    runs on the window only, and :func:`irfft` of the window zero-pads it
+    back to the full grid while transforming only the lines the window
+    touches (about ``(f² + f + 1) / 3`` of a full inverse for a window that
+    keeps a fraction ``f`` of each axis). The window is a Spectrum of a
+    smaller grid with the same physical frequencies (voxel size ``a N / M``
+    per axis), so :func:`apply` passes kernels the right ``kz, ky, kx``;
+    its ``embed`` is the full grid. Values outside the window are dropped:
+    use it only where they are (numerically) zero.
+
+    Parameters
+    ----------
+    spec
+        Spectrum (or a window of one).
+    limit
+        Highest frequency kept along each axis, 1/Å.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from chunkem.volume import make_volume
+    >>> v = make_volume(np.random.default_rng(0).random((20, 20, 20)), voxel_size=1.0)
+    >>> w = window(rfft(v), 0.2)
+    >>> w.shape, w.real_shape
+    ((9, 9, 9), (20, 20, 20))
+    """
+    lim = _check_limit(limit)
+    mz, my, mx = _window_shape(spec.shape, spec.voxel_size, lim)
+    if (mz, my, mx) == tuple(spec.shape):
+        return spec
+    mxh = mx // 2 + 1
+    x = spec.data
+    if isinstance(x, da.Array):
+        data = _take_window_dask(x, mz, my, mxh)
+    else:
+        data = _take_axis(_take_axis(np.asarray(x), 0, mz), 1, my)[:, :, :mxh]
+    vs = tuple(v * n / m for v, n, m in zip(spec.voxel_size, spec.shape, (mz, my, mx)))
+    return replace(spec, data=data, shape=(mz, my, mx), voxel_size=vs, embed=spec.real_shape,
+                   embed_voxel_size=spec.real_voxel_size)
+
+
 def _slab_bytes(method: str = "rechunk") -> int:
     """Bytes per slab / pencil: the ``chunkem.fft-slab-bytes`` setting, at most 1/32
     of the smallest worker memory limit on a distributed cluster (a task holds a few
@@ -318,7 +510,7 @@ def _slab_z(nz: int, plane_bytes: int, target: int | None = None, align: int | N
     return _balanced(nz, cz)
 
 
-def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
+def rfft(vol: xr.DataArray, *, strategy: str = "auto", limit: float | None = None) -> Spectrum:
     """Real FFT of a Volume (half-space along x), lazily for dask input.
 
     Parameters
@@ -328,12 +520,18 @@ def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
     strategy
         ``"auto"`` | ``"gather"`` | ``"slab"`` (see the module notes). Ignored
         for numpy input (one ``scipy.fft.rfftn`` call).
+    limit
+        Only the frequencies ``|k_axis| <= limit`` (1/Å) are needed: return
+        :func:`window` ``(rfft(vol), limit)``, computed without transforming
+        the lines the window drops (and, on the slab path, exchanging only
+        the window between slabs and pencils).
 
     Returns
     -------
     Spectrum
-        complex64 data of shape ``(nz, ny, nx // 2 + 1)``; one chunk after a
-        gather, z-pencil chunks ``(nz, cy, cx)`` after a slab transform.
+        complex64 data of shape ``(nz, ny, nx // 2 + 1)`` (the window's with
+        ``limit``); one chunk after a gather, z-pencil chunks ``(nz, cy, cx)``
+        after a slab transform.
 
     Examples
     --------
@@ -355,24 +553,44 @@ def rfft(vol: xr.DataArray, *, strategy: str = "auto") -> Spectrum:
     x = vol.data
     nz, ny, nx = shape
     nxh = nx // 2 + 1
+    wshape = _window_shape(shape, vs, _check_limit(limit)) if limit is not None else shape
+    if wshape == shape:
+        limit = None
+    mz, my, mx = wshape
+    mxh = mx // 2 + 1
+    meta = np.empty((0, 0, 0), np.complex64)
+    chunks = x.chunks if isinstance(x, da.Array) else None
     if not isinstance(x, da.Array):
-        data = _rfftn_block(np.asarray(x))
-        return Spectrum(data, shape, vs, org, vol.name, None, attrs)
-    chunks = x.chunks
-    if choice == "gather":
+        data = _rfftn_block(np.asarray(x)) if limit is None else _rfftn_window_block(np.asarray(x), wshape)
+    elif choice == "gather":
         one = x.rechunk(shape) if x.npartitions > 1 else x
-        data = one.map_blocks(_rfftn_block, dtype=np.complex64, chunks=((nz,), (ny,), (nxh,)),
-                              meta=np.empty((0, 0, 0), np.complex64))
+        if limit is None:
+            data = one.map_blocks(_rfftn_block, dtype=np.complex64, chunks=((nz,), (ny,), (nxh,)), meta=meta)
+        else:
+            data = one.map_blocks(_rfftn_window_block, wshape, dtype=np.complex64, chunks=((mz,), (my,), (mxh,)),
+                                  meta=meta)
     else:
-        method = transpose_method(nz * ny * nxh * 8)
+        method = transpose_method(nz * my * mxh * 8)
         target = _slab_bytes(method)
         cz = _slab_z(nz, ny * nxh * 8, target, align=_common(x.chunks[0]))
         slabs = x.rechunk((cz, ny, nx))
-        half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
-                                meta=np.empty((0, 0, 0), np.complex64))
-        pencils = _transpose(half, _pencil_chunks(nz, ny, nxh, target), method)
-        data = pencils.map_blocks(_fft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
-    return Spectrum(data, shape, vs, org, vol.name, chunks, attrs)
+        if limit is None:
+            half = slabs.map_blocks(_rfft2_block, dtype=np.complex64, chunks=(slabs.chunks[0], (ny,), (nxh,)),
+                                    meta=meta)
+        else:
+            half = slabs.map_blocks(_rfft2_window_block, my, mxh, dtype=np.complex64,
+                                    chunks=(slabs.chunks[0], (my,), (mxh,)), meta=meta)
+        pencils = _transpose(half, _pencil_chunks(nz, my, mxh, target), method)
+        if limit is None:
+            data = pencils.map_blocks(_fft_z_block, dtype=np.complex64, meta=meta)
+        else:
+            data = pencils.map_blocks(_fft_z_window_block, mz, dtype=np.complex64,
+                                      chunks=((mz,),) + pencils.chunks[1:], meta=meta)
+    spec = Spectrum(data, shape, vs, org, vol.name, chunks, attrs)
+    if limit is None:
+        return spec
+    wvs = tuple(v * n / m for v, n, m in zip(vs, shape, wshape))
+    return replace(spec, shape=wshape, voxel_size=wvs, embed=shape, embed_voxel_size=vs)
 
 
 def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str = "auto") -> xr.DataArray:
@@ -392,37 +610,48 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
         chunked one by ``gather`` when it fits, else ``slab``), ``"gather"``
         or ``"slab"``.
     """
-    shape = tuple(spec.shape)
+    wshape = tuple(int(n) for n in spec.shape)
+    shape = spec.real_shape
     nz, ny, nx = shape
-    nxh = nx // 2 + 1
-    if tuple(spec.data.shape) != (nz, ny, nxh):
-        raise GeometryError(f"irfft: spectrum shape {tuple(spec.data.shape)} does not match real shape {shape}")
+    mz, my, mx = wshape
+    mxh = mx // 2 + 1
+    windowed = spec.embed is not None
+    if tuple(spec.data.shape) != (mz, my, mxh):
+        raise GeometryError(f"irfft: spectrum shape {tuple(spec.data.shape)} does not match real shape {wshape}")
     header = spec.attrs.get("header")
     out_name = name if name is not None else spec.name
+    vs = spec.real_voxel_size
     x = spec.data
     if not isinstance(x, da.Array):
-        data = _irfftn_block(np.asarray(x), shape)
-        return make_volume(data, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
+        data = _irfftn_window_block(np.asarray(x), shape) if windowed else _irfftn_block(np.asarray(x), shape)
+        return make_volume(data, voxel_size=vs, origin=spec.origin, name=out_name, header=header)
     if strategy == "auto":
         choice = "gather" if x.npartitions == 1 else choose_strategy(shape, "auto")
     else:
         choice = choose_strategy(shape, strategy)
+    meta_c, meta_r = np.empty((0, 0, 0), np.complex64), np.empty((0, 0, 0), np.float32)
     if choice == "gather":
-        one = x.rechunk((nz, ny, nxh)) if x.npartitions > 1 else x
-        real = one.map_blocks(_irfftn_block, shape, dtype=np.float32, chunks=((nz,), (ny,), (nx,)),
-                              meta=np.empty((0, 0, 0), np.float32))
+        one = x.rechunk((mz, my, mxh)) if x.npartitions > 1 else x
+        real = one.map_blocks(_irfftn_window_block if windowed else _irfftn_block, shape, dtype=np.float32,
+                              chunks=((nz,), (ny,), (nx,)), meta=meta_r)
     else:
-        pencils = x.rechunk({0: nz}) if len(x.chunks[0]) > 1 else x
-        zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=np.empty((0, 0, 0), np.complex64))
+        pencils = x.rechunk({0: mz}) if len(x.chunks[0]) > 1 else x
+        if windowed:
+            zinv = pencils.map_blocks(_ifft_z_window_block, nz, dtype=np.complex64,
+                                      chunks=((nz,),) + pencils.chunks[1:], meta=meta_c)
+        else:
+            zinv = pencils.map_blocks(_ifft_z_block, dtype=np.complex64, meta=meta_c)
     target_chunks = chunks if chunks is not None else (spec.chunks or auto_chunks(shape))
     if choice != "gather":
-        method = transpose_method(nz * ny * nxh * 8)
-        cz = _slab_z(nz, ny * nxh * 8, _slab_bytes(method), align=_common(_axis_chunks(target_chunks, 0, nz)))
-        slabs = _transpose(zinv, (cz, ny, nxh), method)
-        real = slabs.map_blocks(_irfft2_block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
-                                meta=np.empty((0, 0, 0), np.float32))
+        method = transpose_method(nz * my * mxh * 8)
+        cz = _slab_z(nz, ny * (nx // 2 + 1) * 8, _slab_bytes(method),
+                     align=_common(_axis_chunks(target_chunks, 0, nz)))
+        slabs = _transpose(zinv, (cz, my, mxh), method)
+        block = _irfft2_window_block if windowed else _irfft2_block
+        real = slabs.map_blocks(block, (ny, nx), dtype=np.float32, chunks=(slabs.chunks[0], (ny,), (nx,)),
+                                meta=meta_r)
     real = real.rechunk(target_chunks)
-    return make_volume(real, voxel_size=spec.voxel_size, origin=spec.origin, name=out_name, header=header)
+    return make_volume(real, voxel_size=vs, origin=spec.origin, name=out_name, header=header)
 
 
 def crop(spec: Spectrum, shape, *, origin=None, chunks=None) -> Spectrum:
@@ -441,7 +670,7 @@ def crop(spec: Spectrum, shape, *, origin=None, chunks=None) -> Spectrum:
         raise ParameterError(f"crop: new shape {tuple(shape)} must be positive and within {spec.shape}")
     zi = np.r_[0 : (mz + 1) // 2, nz - mz // 2 : nz]
     yi = np.r_[0 : (my + 1) // 2, ny - my // 2 : ny]
-    scale = np.float32((mz * my * mx) / (nz * ny * nx))
+    scale = np.float32((mz * my * mx) / float(np.prod(spec.real_shape)))  # raw coefficients of the full grid
     x = spec.data
     if isinstance(x, da.Array):
         data = x[zi][:, yi][:, :, : mx // 2 + 1] * scale
@@ -565,12 +794,17 @@ def apply(kernel: Callable[..., np.ndarray], spec: Spectrum, *others: Spectrum, 
 
 
 def fourier_filter(vol: xr.DataArray, kernel: Callable[..., np.ndarray], *, strategy: str = "auto",
-                   with_index: bool = False, name: str | None = None, **kw: Any) -> xr.DataArray:
+                   with_index: bool = False, name: str | None = None, support: float | None = None,
+                   **kw: Any) -> xr.DataArray:
     """``irfft(apply(kernel, rfft(vol)))``: a Fourier-space filter of a Volume, lazy.
 
-    The result has ``vol``'s geometry, chunks and header.
+    The result has ``vol``'s geometry, chunks and header. ``support`` (1/Å):
+    the kernel's output is zero wherever some ``|k_axis| > support`` (e.g. a
+    low-pass); the transforms then run on that window only
+    (:func:`window`), which is exact for such kernels and much cheaper for
+    a low cut-off.
     """
-    spec = apply(kernel, rfft(vol, strategy=strategy), with_index=with_index, **kw)
+    spec = apply(kernel, rfft(vol, strategy=strategy, limit=support), with_index=with_index, **kw)
     out = irfft(spec, chunks=vol.data.chunks if isinstance(vol.data, da.Array) else None,
                 strategy="auto" if strategy == "auto" else strategy)
     return like(vol, out.data, name=name if name is not None else vol.name)

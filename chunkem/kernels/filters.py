@@ -110,6 +110,17 @@ def lowpass_multiplier(s: np.ndarray, *, cutoff: float, edge: str = "cosine", wi
     return out
 
 
+def lowpass_support(*, cutoff: float, edge: str = "cosine", width: float = 0.0, tail: float = 1e-9) -> float:
+    """Frequency (1/Å) beyond which :func:`lowpass_multiplier` is zero (cosine or hard
+    edge) or below ``tail`` (Gaussian edge): the band limit of a low-passed map."""
+    if width <= 0:
+        return float(cutoff)
+    if edge == "cosine":
+        return float(cutoff + width / 2.0)
+    sigma = width / 2.0
+    return float(cutoff - sigma * np.sqrt(2.0 * np.log(2.0)) + sigma * np.sqrt(-2.0 * np.log(tail)))
+
+
 def highpass_multiplier(s: np.ndarray, *, cutoff: float, edge: str = "cosine", width: float = 0.0) -> np.ndarray:
     """High-pass multiplier ``1 - lowpass_multiplier(s, cutoff, edge, width)``."""
     return 1.0 - lowpass_multiplier(s, cutoff=cutoff, edge=edge, width=width)

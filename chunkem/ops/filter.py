@@ -152,7 +152,23 @@ def filter_volume(
                    bfactor_convention=bfactor_convention, edge=edge, width=width)
     if not terms:
         raise ParameterError("nothing to do: give lowpass=, highpass= or bfactor=")
-    return fourier_filter(vol, _fourier_terms, strategy=strategy, name=name, terms=tuple(terms))
+    return fourier_filter(vol, _fourier_terms, strategy=strategy, name=name, terms=tuple(terms),
+                          support=_support(terms))
+
+
+def _support(terms) -> float | None:
+    """Band limit (1/Å) of a filter with a low-pass term: its transforms then run on that
+    window only (exact: the multiplier is zero beyond it, or < 1e-9 for a Gaussian edge,
+    where a sharpening B-factor could lift the tail and no window is used)."""
+    lows = [p for kind, p in terms if kind == "lowpass"]
+    if not lows:
+        return None
+    p = lows[0]
+    sharpening = any(kind == "bfactor" and (1.0 if q["convention"] == "sharpen" else -1.0) * q["bfactor"] > 0
+                     for kind, q in terms)
+    if p["edge"] == "gaussian" and sharpening:
+        return None
+    return K.lowpass_support(cutoff=p["cutoff"], edge=p["edge"], width=p["width"])
 
 
 def _terms(vol, *, lowpass, highpass, bfactor, bfactor_convention, edge, width) -> list:

@@ -228,3 +228,71 @@ def test_mismatched_spectra_raise():
     b = sp.rfft(make_volume(np.zeros((8, 8, 9)), voxel_size=1.0))
     with pytest.raises(GeometryError):
         sp.shell_sums(a, b)
+
+
+# --- band-limited windows ---------------------------------------------------------
+
+
+def _box_lowpass(F, *, kz, ky, kx, cut):
+    """A kernel that is zero wherever some |k_axis| > cut (a box low-pass times a smooth taper)."""
+    inside = (np.abs(kz) <= cut) & (np.abs(ky) <= cut) & (np.abs(kx) <= cut)
+    return F * (inside * np.exp(-(kz**2 + ky**2 + kx**2) * 5.0))
+
+
+def _numpy_box_lowpass(a, vs, cut):
+    nz, ny, nx = a.shape
+    KZ, KY, KX = np.meshgrid(np.fft.fftfreq(nz, vs[0]), np.fft.fftfreq(ny, vs[1]), np.fft.rfftfreq(nx, vs[2]),
+                             indexing="ij")
+    m = ((np.abs(KZ) <= cut) & (np.abs(KY) <= cut) & (np.abs(KX) <= cut)) * np.exp(-(KZ**2 + KY**2 + KX**2) * 5.0)
+    return np.fft.irfftn(np.fft.rfftn(a.astype(np.float64)) * m, s=a.shape, axes=(0, 1, 2))
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=volume_cases(min_side=2, max_side=30), frac=st.floats(0.02, 1.2),
+       strategy=st.sampled_from(["gather", "slab"]))
+def test_window_filter_equals_full_numpy(case, frac, strategy):
+    """rfft(limit=) → kernel → irfft (pruned transforms) == the whole-grid numpy filter, any chunks/strategy."""
+    vol = chunked(case)
+    vs = vol.attrs["voxel_size"]
+    cut = frac * 0.5 / max(vs)  # from a few shells up to past Nyquist (no window)
+    ref = _numpy_box_lowpass(case[0], vs, cut)
+    tol = 3e-6 * np.abs(case[0]).max()
+    with dask.config.set(SMALL_SLABS):
+        with raise_if_computes():
+            out = sp.fourier_filter(vol, _box_lowpass, strategy=strategy, support=cut, cut=cut)
+            spec = sp.rfft(vol, strategy=strategy, limit=cut)
+        assert out.data.chunks == vol.data.chunks and out.attrs["voxel_size"] == vol.attrs["voxel_size"]
+        np.testing.assert_allclose(out.values, ref, rtol=0, atol=tol)
+        # the window is a smaller grid with the same physical frequencies, embedded in the full one
+        assert spec.real_shape == case[0].shape and all(m <= n for m, n in zip(spec.shape, case[0].shape))
+        full = np.fft.rfftn(case[0].astype(np.float64))
+        kz, ky, kx = spec.frequencies()
+        fz, fy, fx = sp.frequencies(case[0].shape, vs)
+        iz = [int(np.argmin(np.abs(fz.ravel() - k))) for k in kz.ravel()]
+        iy = [int(np.argmin(np.abs(fy.ravel() - k))) for k in ky.ravel()]
+        assert np.allclose(fz.ravel()[iz], kz.ravel()) and np.allclose(fy.ravel()[iy], ky.ravel())
+        assert np.allclose(fx.ravel()[: kx.size], kx.ravel())
+        got = spec.data.compute()
+        assert _rel_err(got, full[np.ix_(iz, iy, np.arange(kx.size))]) < 2e-6
+        # window() of a whole spectrum (either strategy) gives the same window and the same filter
+        w = sp.window(sp.rfft(vol, strategy=strategy), cut)
+        assert w.shape == spec.shape and _rel_err(w.data.compute(), got) < 2e-6
+        back = sp.irfft(sp.apply(_box_lowpass, w, cut=cut), strategy=strategy)
+        np.testing.assert_allclose(back.values, ref, rtol=0, atol=tol)
+    # numpy input: the same
+    np.testing.assert_allclose(sp.fourier_filter(in_memory(case), _box_lowpass, support=cut, cut=cut).values, ref,
+                               rtol=0, atol=tol)
+
+
+def test_window_lengths_and_crop_of_a_window():
+    v = make_volume(np.random.default_rng(1).standard_normal((40, 41, 42)).astype(np.float32), voxel_size=2.0)
+    w = sp.window(sp.rfft(v), 0.05)  # a = floor(0.05 * N * 2) = 4, 4, 4
+    assert w.shape == (9, 9, 9) and w.data.shape == (9, 9, 5) and w.real_shape == (40, 41, 42)
+    assert w.real_voxel_size == (2.0, 2.0, 2.0)
+    assert sp.window(sp.rfft(v), 0.25).shape == (40, 41, 42)  # Nyquist: nothing to drop
+    # a Fourier crop taken from the window equals the crop of the whole spectrum (binning a low-pass)
+    a = sp.irfft(sp.crop(sp.rfft(v), (8, 8, 8))).values
+    b = sp.irfft(sp.crop(w, (8, 8, 8))).values
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+    with pytest.raises(ParameterError, match="limit"):
+        sp.window(sp.rfft(v), 0.0)
