@@ -78,11 +78,16 @@ def main(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     h1 = open_map(args.half1, chunks=args.chunks, voxel_size=args.voxel_size)
-    h2 = open_map(args.half2, chunks=args.chunks, voxel_size=args.voxel_size)
-    mask = open_map(args.mask, chunks=args.chunks, voxel_size=args.voxel_size) if args.mask else None
-    warm = warm_matplotlib()  # the PNG's imports overlap the FFTs
+    chunks = args.chunks
     if _fits_in_threads(args, tuple(int(n) for n in h1.shape)):
         args.cluster = "threads"
+        if chunks is None and args.fft_strategy != "slab":
+            # in memory on threads: one read per map and no gather (the FFT wants one block anyway)
+            chunks = tuple(int(n) for n in h1.shape)
+            h1 = open_map(args.half1, chunks=chunks, voxel_size=args.voxel_size)
+    h2 = open_map(args.half2, chunks=chunks, voxel_size=args.voxel_size)
+    mask = open_map(args.mask, chunks=chunks, voxel_size=args.voxel_size) if args.mask else None
+    warm = warm_matplotlib()  # the PNG's imports overlap the FFTs
     with compute_session(args, nbytes_hint=int(h1.size) * 4) as session:
         print(f"chunkem fsc: {args.half1} {tuple(h1.shape)} on {session.describe()}")
         with warnings.catch_warnings(record=True) as caught:

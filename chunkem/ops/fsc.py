@@ -178,8 +178,10 @@ class FSCResult:
         top.set_xticks(ticks)
         top.set_xticklabels([f"{1.0 / t:.1f}" for t in ticks])
         top.set_xlabel("resolution (Å)")
+        # fixed margins (room for the top axis and title) instead of tight_layout,
+        # which draws the whole figure once more just to measure it
+        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.82)
         buf = io.BytesIO()
-        fig.tight_layout()
         fig.savefig(buf, format="png")
         atomic_write_bytes(Path(path), buf.getvalue())
         return Path(path)
