@@ -701,26 +701,52 @@ def local_fsc_band_step(
     there it is padded with that many zeros first (the true map edge: the
     map counts as zero beyond it, the window is truncated). The FSC is
     :func:`windowed_band_fsc` with ``halo=True`` (circular FFT, no extra
-    padding). When every voxel at least ``box // 2`` from the faces of the
-    (padded) block has already crossed, or is outside the mask, the band is
-    skipped: the state is returned unchanged, which is what the step would
-    give there anyway (halo voxels are discarded by the caller).
+    padding), taken only over the bounding box of the voxels still active
+    (not crossed, inside the mask) among those at least ``box // 2`` from
+    the faces of the (padded) block, plus half a window around it: the
+    other voxels keep their state, which is what the step would give them
+    anyway (halo voxels are discarded by the caller). When no voxel is
+    active the band is skipped. The cost falls as the voxels cross.
     """
     box = tuple(int(b) for b in box)
     lo = tuple(b // 2 for b in box)
-    x = np.asarray(state, dtype=np.float32)
+    state = np.asarray(state, dtype=np.float32)
     pads = [(int(a), int(b)) for a, b in edge_pad] if edge_pad is not None else [(0, 0)] * 3
-    crop = tuple(slice(p[0], p[0] + n) for p, n in zip(pads, x.shape))
-    if any(p != (0, 0) for p in pads):
-        x = np.pad(x, pads, constant_values=-1.0)
-        h1 = np.pad(np.asarray(h1, dtype=np.float32), pads)
-        h2 = np.pad(np.asarray(h2, dtype=np.float32), pads)
-    sh = x.shape
-    inner = x[lo[0]:sh[0] - lo[0], lo[1]:sh[1] - lo[1], lo[2]:sh[2] - lo[2]]
-    if inner.size == 0 or not (inner >= 0).any():
-        return np.asarray(state, dtype=np.float32)
-    fsc = windowed_band_fsc(h1, h2, box=box, halo=True, workers=workers)
-    return crossing_step(x, fsc, f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)[crop]
+    # work in the coordinates of the block zero-padded at the true map edge, without padding it
+    sh = tuple(n + p[0] + p[1] for n, p in zip(state.shape, pads))
+    inner = tuple(slice(lo[ax] - pads[ax][0], sh[ax] - lo[ax] - pads[ax][0]) for ax in range(3))
+    if any(s.stop <= s.start for s in inner):
+        return state
+    active = state[inner] >= 0
+    if not active.any():
+        return state
+    # bounding box of the active voxels (block coordinates); the FFT covers it plus half a window
+    box_lo, box_hi = [], []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = np.flatnonzero(active.any(axis=other))
+        box_lo.append(inner[ax].start + int(idx[0]))
+        box_hi.append(inner[ax].start + int(idx[-1]) + 1)
+    region = tuple(slice(a - h, b + h) for a, b, h in zip(box_lo, box_hi, lo))
+    fsc = windowed_band_fsc(_zero_extended(h1, region), _zero_extended(h2, region), box=box, halo=True,
+                            workers=workers)
+    core = tuple(slice(h, h + b - a) for a, b, h in zip(box_lo, box_hi, lo))
+    bbox = tuple(slice(a, b) for a, b in zip(box_lo, box_hi))
+    out = state.copy()
+    out[bbox] = crossing_step(state[bbox], fsc[core], f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)
+    return out
+
+
+def _zero_extended(arr: np.ndarray, region: tuple[slice, ...]) -> np.ndarray:
+    """``arr[region]`` as float32, with zeros where the region reaches beyond the array (negative starts too)."""
+    a = np.asarray(arr)
+    src = tuple(slice(max(s.start, 0), min(s.stop, n)) for s, n in zip(region, a.shape))
+    if all(s.start >= 0 and s.stop <= n for s, n in zip(region, a.shape)):
+        return np.asarray(a[region], dtype=np.float32)
+    out = np.zeros(tuple(s.stop - s.start for s in region), dtype=np.float32)
+    dst = tuple(slice(c.start - s.start, c.stop - s.start) for c, s in zip(src, region))
+    out[dst] = a[src]
+    return out
 
 
 def crossing_state_resolution(state: np.ndarray, *, f_last: float, best: float, worst: float) -> np.ndarray:

@@ -299,7 +299,15 @@ def test_band_step_skips_only_finished_blocks():
     state = np.full(a.shape, 0.5, np.float32)
     state[5:9, 5:9, 5:9] = -1.2  # crossed
     ref = K.crossing_step(state, K.windowed_band_fsc(a, b, box=box, halo=True), **{k: kw[k] for k in kw if k != "box"})
-    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, state, **kw), ref)
+    inner = (slice(3, 13),) * 3  # voxels at least box // 2 from the faces (the halo is the caller's to drop)
+    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, state, **kw)[inner], ref[inner])
+    # active voxels in one corner only: the FFT covers their bounding box plus half a window, same values
+    corner = np.full(a.shape, -1.1, np.float32)
+    corner[3:7, 9:13, 4:6] = 0.5
+    got = K.local_fsc_band_step(a, b, corner, **kw)
+    ref_c = K.crossing_step(corner, K.windowed_band_fsc(a, b, box=box, halo=True), **{k: kw[k] for k in kw if k != "box"})
+    np.testing.assert_allclose(got[inner], ref_c[inner], atol=1e-5)
+    assert (got[corner < 0] == -1.1).all()
     # every interior voxel crossed: the band is skipped, even though the halo is not
     done = state.copy()
     done[3:13, 3:13, 3:13] = -1.3
