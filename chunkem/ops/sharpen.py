@@ -14,6 +14,20 @@ B signs of :class:`AutoSharpenResult`: ``b_iso`` / ``original_b_iso`` are
 **decay B** (``|F| ∝ exp(-b_iso s²/4)``); ``b_sharpen = original_b_iso −
 b_iso`` is **cctbx's** (positive sharpens); ``bfactor_relion = −b_sharpen``
 is the equivalent RELION B below ``d_cut``.
+
+Two estimates differ in method from cctbx (spec §4.1, §4.6), aiming at the
+same numbers:
+
+* ``original_b_iso``: cctbx fits a maximum-likelihood anisotropic Wilson
+  model with a protein reference curve; here ``ln<|F|²>`` vs ``s²`` over
+  ``0.833 d … 10 Å`` is fitted with a line that may bend upwards once, at
+  the shell where noise starts to dominate
+  (:func:`chunkem.kernels.sharpening.wilson_b_iso_noise_aware`), and B is the
+  slope before the bend. A plain line runs into the noise floor and comes
+  out ~30 Å² low on noisy maps.
+* ``solvent_fraction`` (when not given): cctbx's low-resolution-mask route,
+  a sphere-averaged local variance thresholded at 5 % of its peak
+  (:func:`estimate_solvent_fraction`).
 """
 
 from __future__ import annotations
@@ -36,7 +50,7 @@ from ..kernels import filters as KF
 from ..kernels import sharpening as KS
 from ..volume import like, make_volume, validate_volume, voxel_size
 
-__all__ = ["sharpen", "AutoSharpenResult", "auto_sharpen"]
+__all__ = ["sharpen", "AutoSharpenResult", "auto_sharpen", "estimate_solvent_fraction"]
 
 METHODS = ("adjusted_sa", "kurtosis")
 
@@ -111,6 +125,9 @@ class AutoSharpenResult:
         ``score``.
     signal_to_noise
         Of the score curve (spec §4.5); < 3 means a poorly determined optimum.
+    wilson
+        The noise-aware Wilson fit behind ``original_b_iso`` (its break
+        resolution and the plain straight-line B).
     warnings
         Messages.
     """
@@ -131,6 +148,7 @@ class AutoSharpenResult:
     signal_to_noise: float = math.nan
     k_sharpen: float = 10.0
     b_blur_hires: float | None = 200.0
+    wilson: KS.WilsonFit | None = None
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +177,7 @@ class AutoSharpenResult:
             "region_weight": self.region_weight,
             "box_voxels": list(self.box),
             "signal_to_noise": None if not np.isfinite(self.signal_to_noise) else self.signal_to_noise,
+            "wilson_fit": None if self.wilson is None else self.wilson.to_dict(),
             "table": {k: clean(v) for k, v in self.table.items()},
             "warnings": list(self.warnings),
         }
@@ -239,21 +258,49 @@ def _select_box(vol: xr.DataArray, box: int | str | None, resolution: float) -> 
     return sub, (lo[0], lo[0] + edges[0], lo[1], lo[1] + edges[1], lo[2], lo[2] + edges[2]), False
 
 
-def _estimate_solvent(m: np.ndarray, vs, resolution: float) -> float:
-    """Solvent fraction from a smoothed envelope (Otsu threshold), clamped to [0.05, 0.95]."""
-    sig = [max(0.5, resolution / v) for v in vs]
-    sm = ndimage.gaussian_filter(np.asarray(m, dtype=np.float64), sigma=sig)
-    hist, edges = np.histogram(sm, bins=256)
-    p = hist.astype(np.float64) / max(1, hist.sum())
-    mids = 0.5 * (edges[1:] + edges[:-1])
-    w0 = np.cumsum(p)
-    mu = np.cumsum(p * mids)
-    mu_t = mu[-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = (mu_t * w0 - mu) ** 2 / (w0 * (1 - w0))
-    between[~np.isfinite(between)] = -1
-    t = mids[int(np.argmax(between))]
-    return float(np.clip((sm <= t).mean(), 0.05, 0.95))
+def _envelope_kernel(F, *, kz, ky, kx, radius, s_max):
+    """Sphere average of radius ``radius`` Å, coefficients beyond ``s_max`` and the mean (DC) zeroed."""
+    s = KF.radius(kz, ky, kx)
+    m = KS.sphere_average_transfer(s, radius=radius) * (s <= s_max * (1 + 1e-9)) * (s > 0)
+    return (F * m.astype(np.float32)).astype(np.complex64, copy=False)
+
+
+def estimate_solvent_fraction(vol: xr.DataArray, *, resolution: float, fraction_of_max: float = 0.05,
+                              radius: float | None = None) -> float:
+    """Solvent fraction of a map from a low-resolution local-variance envelope (spec §4.6).
+
+    The map's squared deviation from its mean, ``(m − <m>)²``, is averaged
+    over spheres of ``radius`` Å (default ``2 × resolution``) and low-passed at
+    ``resolution``, with its mean removed (one engine FFT); voxels where this
+    envelope is below ``fraction_of_max`` × its maximum are solvent. This is
+    the low-resolution-mask route of cctbx (``get_overall_mask``; RESOLVE's
+    iterated estimate is not in cctbx); being a ratio to the peak it does
+    not depend on the map's scale or on a B-factor applied to it, within the
+    low-pass.
+
+    Parameters
+    ----------
+    vol
+        The map (computed: it is a reduction).
+    resolution
+        Nominal resolution (Å): the low-pass and the default radius.
+    fraction_of_max
+        Envelope threshold as a fraction of its maximum (cctbx: 0.05).
+    radius
+        Sphere radius (Å); default ``2 × resolution``.
+
+    Returns
+    -------
+    float
+        Fraction of voxels outside the envelope, clamped to [0.01, 0.99].
+    """
+    m = np.asarray(vol.values, dtype=np.float64)
+    dev = make_volume((m - m.mean()) ** 2, voxel_size=voxel_size(vol))
+    r = 2.0 * float(resolution) if radius is None else float(radius)
+    env = spectral.fourier_filter(dev, _envelope_kernel, support=1.0 / float(resolution), radius=r,
+                                  s_max=1.0 / float(resolution))
+    f = KS.solvent_fraction_from_envelope(np.asarray(env.values), fraction_of_max=fraction_of_max)
+    return float(np.clip(f, 0.01, 0.99)) if np.isfinite(f) else 0.5
 
 
 def auto_sharpen(
@@ -294,7 +341,7 @@ def auto_sharpen(
         densest region; ``"whole"``: the whole map.
     solvent_fraction
         Fraction of the box that is solvent; default: estimated from a
-        smoothed envelope of the box.
+        low-resolution envelope of the box (:func:`estimate_solvent_fraction`).
     search_b_min, search_b_max, search_b_n
         Grid of target ``b_iso`` (Å², decay sign); widened to include the
         map's own ``original_b_iso``.
@@ -338,14 +385,15 @@ def auto_sharpen(
     bvol = make_volume(sub, voxel_size=vs)
     spec = spectral.rfft(bvol)
     prof = spectral.radial_profile(spec, progress=False)
-    orig = KS.wilson_b_iso(prof.frequency, prof.mean_power(), d_min=d_min_use, d_max=10.0)
+    wfit = KS.wilson_b_iso_noise_aware(prof.frequency, prof.mean_power(), d_min=d_min_use, d_max=10.0)
+    orig = wfit.b_iso
     if not np.isfinite(orig):
         orig = KS.wilson_b_iso(prof.frequency, prof.mean_power(), d_min=d_min_use, d_max=3.0 * d_min_use)
     if not np.isfinite(orig):
         orig = 200.0
         notes.append("could not estimate the map's B (too few shells); assuming original_b_iso = 200 Å²")
     if solvent_fraction is None:
-        fs = _estimate_solvent(sub, vs, resolution)
+        fs = estimate_solvent_fraction(bvol, resolution=resolution)
     else:
         fs = float(solvent_fraction)
         if fs >= 10:
@@ -418,5 +466,6 @@ def auto_sharpen(
         signal_to_noise=float(sn),
         k_sharpen=float(k_sharpen),
         b_blur_hires=b_blur_hires,
+        wilson=wfit,
         warnings=notes,
     )

@@ -10,7 +10,7 @@ import pytest
 
 from chunkem.errors import ParameterError
 from chunkem.kernels.sharpening import b_iso_to_d_cut_multiplier
-from chunkem.ops.sharpen import auto_sharpen, sharpen
+from chunkem.ops.sharpen import auto_sharpen, estimate_solvent_fraction, sharpen
 from chunkem.volume import is_lazy, make_volume
 
 
@@ -99,6 +99,25 @@ def test_auto_sharpen_box_selects_the_molecule_and_lazy(truth):
     for c, lo, hi in zip(com, (z0, y0, x0), (z1, y1, x1)):
         assert lo + 4 <= c <= hi - 4
     assert is_lazy(r.map) and r.map.data.chunks == v.data.chunks
+
+
+def test_estimate_solvent_fraction_matches_the_phantom_mask():
+    # averaged noisy half maps of a phantom whose mask (> 0.5: atoms + 3 Å + half the 3 Å edge) is known
+    from chunkem.phantoms import make_phantom
+    from chunkem.volume import like
+
+    ph = make_phantom(box=56, n_residues=80, resolution=3.5, voxel_size=1.0, b_range=(30.0, 30.0), seed=3)
+    full = like(ph.half1, (np.asarray(ph.half1.values) + np.asarray(ph.half2.values)) / 2)
+    want = 1.0 - float((np.asarray(ph.mask.values) > 0.5).mean())
+    got = estimate_solvent_fraction(full, resolution=3.5)
+    assert got == pytest.approx(want, abs=0.02)
+    # a ratio to the envelope's peak: scale, offset and chunking do not matter
+    scaled = like(full, 3.0 * np.asarray(full.values) + 5.0).chunk({"z": 10, "y": 13, "x": 16})
+    assert estimate_solvent_fraction(scaled, resolution=3.5) == pytest.approx(got, abs=1e-3)
+    # auto_sharpen uses it when no solvent fraction is given
+    r = _auto(full, resolution=3.5, search_b_n=5)
+    assert r.solvent_fraction == pytest.approx(got)
+    assert r.wilson is not None and r.original_b_iso == r.wilson.b_iso
 
 
 def test_auto_sharpen_errors(truth):
