@@ -349,16 +349,18 @@ def _ifft_z_window_block(f: np.ndarray, nz: int) -> np.ndarray:
 def _irfft2_window_block(f: np.ndarray, s: tuple[int, int], workers: int | None = None) -> np.ndarray:
     """Zero-pad a (z-slab) window along y to ``ny``, ifft over y, irfft over x to ``nx`` (the x padding is irfft's)."""
     ny, nx = s
-    h = scipy.fft.ifft(_pad_axis(np.asarray(f, dtype=np.complex64), 1, ny), axis=1, workers=workers,
-                       overwrite_x=True)
+    f = np.asarray(f, dtype=np.complex64)
+    p = _pad_axis(f, 1, ny)  # overwrite only a buffer of our own: f may be a block dask shares
+    h = scipy.fft.ifft(p, axis=1, workers=workers, overwrite_x=p is not f)
     return scipy.fft.irfft(h, n=nx, axis=2, workers=workers).astype(np.float32, copy=False)
 
 
 def _irfftn_window_block(f: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Inverse of :func:`_rfftn_window_block`: only the lines the window touches are transformed."""
     nz, ny, nx = shape
-    g = scipy.fft.ifft(_pad_axis(np.asarray(f, dtype=np.complex64), 0, nz), axis=0, workers=-1,
-                       overwrite_x=True).astype(np.complex64, copy=False)
+    f = np.asarray(f, dtype=np.complex64)
+    p = _pad_axis(f, 0, nz)  # overwrite only a buffer of our own: f may be a block dask shares
+    g = scipy.fft.ifft(p, axis=0, workers=-1, overwrite_x=p is not f).astype(np.complex64, copy=False)
     out = np.empty(shape, dtype=np.float32)
     for z0, z1 in _z_steps(nz, ny * g.shape[2] * 8):
         out[z0:z1] = _irfft2_window_block(g[z0:z1], (ny, nx), workers=-1)
@@ -383,6 +385,10 @@ def _take_window_dask(x: da.Array, mz: int, my: int, mxh: int) -> da.Array:
     for axis, m in ((0, mz), (1, my)):
         n = x.shape[axis]
         if m == n:
+            continue
+        if x.numblocks[axis] == 1:  # one block along the axis (a gathered spectrum): stays one block
+            chunks = tuple((m,) if ax == axis else c for ax, c in enumerate(x.chunks))
+            x = x.map_blocks(_take_axis, axis, m, dtype=x.dtype, chunks=chunks, meta=np.empty((0, 0, 0), x.dtype))
             continue
         h, t = (m + 1) // 2, m // 2
         lo = [slice(None)] * 3

@@ -200,6 +200,16 @@ def band_multiplier(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, *, centre: f
     return h
 
 
+def band_support(*, centre: float, sigma: float, tail: float = 1e-9) -> float:
+    """Frequency (1/Å) beyond which the band multiplier ``H`` is below ``tail`` times its peak.
+
+    The band's spectra (and their Riesz components) are band-limited there,
+    so its inverse FFTs can run on that low-frequency window
+    (:func:`chunkem.engine.spectral.window`).
+    """
+    return float(centre + sigma * math.sqrt(-2.0 * math.log(tail)))
+
+
 def _near_dc(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, s2: np.ndarray, limit: np.float32) -> Any:
     """Index of the voxels with ``|k|² < limit``: from the 1-d axes when the arrays are (n,1,1), (1,n,1), (1,1,n)."""
     if kz.shape[1:] == (1, 1) and ky.shape[::2] == (1, 1) and kx.shape[:2] == (1, 1) and s2.shape == (

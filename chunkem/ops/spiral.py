@@ -436,7 +436,8 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
     holds more than two full real maps besides ``c`` (each FFT uses every
     core anyway).
     """
-    g = _gate(spec, dep)
+    # the band is zero (< 1e-9 of its peak) beyond its support: work on that window only
+    g = spectral.window(_gate(spec, dep), K.band_support(centre=float(bank.centres[j]), sigma=bank.sigma))
     fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
                         scale=float(bank.scales[j]))
     c = _irfft_slabs(fh, chunks)
@@ -457,14 +458,14 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
 def _irfft_slabs(spec: spectral.Spectrum, chunks) -> da.Array:
     """Inverse FFT in the z-slab ``chunks``; a one-chunk (gathered) inverse is split by views, not copied."""
     if isinstance(spec.data, da.Array) and spec.data.npartitions == 1:
-        whole = spectral.irfft(spec, chunks=tuple(spec.shape)).data
+        whole = spectral.irfft(spec, chunks=spec.real_shape).data
         (key,) = list(flatten(whole.__dask_keys__()))
         name = "slabs-" + tokenize(whole.name, chunks)
         starts = np.cumsum((0,) + tuple(chunks[0]))
         dsk = {(name, i, 0, 0): (_z_view, key, int(a), int(b)) for i, (a, b) in enumerate(zip(starts[:-1], starts[1:]))}
         graph = HighLevelGraph.from_collections(name, dsk, dependencies=[whole])
-        return da.Array(graph, name, chunks=(tuple(chunks[0]), (spec.shape[1],), (spec.shape[2],)), dtype=np.float32,
-                        meta=np.empty((0, 0, 0), np.float32))
+        return da.Array(graph, name, chunks=(tuple(chunks[0]),) + tuple((n,) for n in spec.real_shape[1:]),
+                        dtype=np.float32, meta=np.empty((0, 0, 0), np.float32))
     return spectral.irfft(spec, chunks=chunks).data
 
 
