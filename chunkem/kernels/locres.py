@@ -63,6 +63,7 @@ __all__ = [
     "local_fsc_exact",
     "gaussian_band",
     "band_pass",
+    "band_limit",
     "effective_band_sigma",
     "windowed_band_fsc",
     "resolution_from_bands",
@@ -488,6 +489,17 @@ def band_pass(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, 
     band[s == 0] = 0.0
     out = np.asarray(F, dtype=np.complex64) * band
     return out
+
+
+def band_limit(*, centre: float, sigma: float, rel: float = 1e-3) -> float:
+    """Frequency (1/Å) beyond which the :func:`gaussian_band` amplitude is below ``rel`` of its peak.
+
+    ``centre + 2 sigma sqrt(ln(1 / rel))``: the band's power there is
+    ``rel²`` of its peak (1e-6 by default), so a spectrum band-passed to it
+    can be cut to ``|k_axis| <= band_limit`` (a window) without a visible
+    change of the windowed sums.
+    """
+    return float(centre) + 2.0 * float(sigma) * float(np.sqrt(np.log(1.0 / rel)))
 
 
 def effective_band_sigma(window: float) -> float:

@@ -92,7 +92,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +217,6 @@ class LocalResolutionResult:
 
     def with_resolution(self, resolution: xr.DataArray) -> LocalResolutionResult:
         """The same result holding another resolution Volume (e.g. the map reopened from disk)."""
-        from dataclasses import replace
-
         return replace(self, resolution=resolution, _stats=None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -449,6 +447,19 @@ def _band_step_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, bo
     return K.local_fsc_band_step(h1, h2, state, box=box, edge_pad=pads, **kw)
 
 
+def _pass_first(x, gate):
+    return x
+
+
+def _gated(spec: spectral.Spectrum, gate) -> spectral.Spectrum:
+    """``spec`` unchanged, but (lazily) only once the 0-d dask array ``gate`` exists: orders the bands."""
+    if gate is None or not spec.is_lazy:
+        return spec
+    data = da.blockwise(_pass_first, "ijk", spec.data, "ijk", gate, "", dtype=spec.data.dtype,
+                        meta=np.empty((0, 0, 0), spec.data.dtype))
+    return replace(spec, data=data)
+
+
 def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy, spacing, sigma):
     nyq = 1.0 / _nyquist_resolution(vs)
     centres = np.arange(1, int(math.floor(nyq / spacing + 1e-9)) + 1) * spacing
@@ -463,15 +474,23 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
     shape = tuple(int(n) for n in h1.shape)
     state = run_local(_state_init_block, start, reach=0.0, has_mask=mask is not None, name="crossing_state")
     f_prev = 0.0
+    gate = None
     for j, c in enumerate(centres):
-        b1 = spectral.irfft(spectral.apply(K.band_pass, s1, centre=float(c), sigma=sigma), chunks=chunks)
-        b2 = spectral.irfft(spectral.apply(K.band_pass, s2, centre=float(c), sigma=sigma), chunks=chunks)
+        # the band is zero (< 1e-3 in amplitude) beyond `lim`: band-pass the window |k_axis| <= lim only, and
+        # invert it with transforms pruned to the lines it touches. The band's spectra wait for the previous
+        # band's state (`gate`), so that at most one band's maps are in memory (not all bands' inverse FFTs
+        # at once on an idle thread).
+        lim = K.band_limit(centre=float(c), sigma=sigma)
+        b1, b2 = (spectral.irfft(spectral.apply(K.band_pass, _gated(spectral.window(s, lim), gate), centre=float(c),
+                                                sigma=sigma), chunks=chunks) for s in (s1, s2))
         # windowed sums with a zero halo (the window is truncated at the true map edge), folded into the
         # running first crossing; blocks whose voxels have all crossed skip the band
         state = run_local(_band_step_block, b1, b2, state, reach=reach, with_offset=True, box=box, f_prev=f_prev,
                           f_cur=float(c), first=j == 0, cutoff=cutoff, origin=org, map_shape=shape,
                           name=f"local_fsc_{c:.4f}")
         f_prev = float(c)
+        if isinstance(state.data, da.Array):
+            gate = (state.data >= 0).any()  # depends on every block of the state (its value is not used)
     res = run_local(K.crossing_state_resolution, state, reach=0.0, f_last=float(centres[-1]), best=best,
                     worst=worst, name="local_resolution")
     return res, [float(c) for c in centres]
