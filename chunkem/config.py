@@ -26,6 +26,8 @@ import dask.config
 DEFAULTS: dict[str, Any] = {
     # edge length (voxels) of chunks for maps read from disk / written to zarr
     "chunks": 128,
+    # codec of zarr output: "blosc-lz4" (byte-shuffled LZ4: fast) | "blosc-zstd" | "zstd" | "none"
+    "zarr-compression": "blosc-lz4",
     # memory (bytes) above which an FFT is done by slab decomposition rather
     # than by gathering the map into one chunk
     "fft-gather-limit": 1_500_000_000,

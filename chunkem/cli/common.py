@@ -20,7 +20,8 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     """Add the compute flags every verb shares.
 
     ``--scheduler``, ``--cluster``, ``--cluster-config``, ``--workers``,
-    ``--threads-per-worker``, ``--memory-limit``, ``--chunks``, ``--no-progress``.
+    ``--threads-per-worker``, ``--memory-limit``, ``--chunks``, ``--zarr-compression``,
+    ``--no-progress``.
     Defaults come from the chunkem config (``DASK_CHUNKEM__*`` env vars or a
     dask YAML file, see :mod:`chunkem.config`).
     """
@@ -37,6 +38,8 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit", default=None, help="memory per worker, e.g. 4GB")
     g.add_argument("--chunks", type=int, default=None, metavar="N",
                    help="chunk edge in voxels for reading/computing (default 128)")
+    g.add_argument("--zarr-compression", choices=["blosc-lz4", "blosc-zstd", "zstd", "none"], default=None,
+                   help="codec of .zarr outputs (default blosc-lz4: fast; zstd: zarr's own default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -44,7 +47,7 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
 def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None):
     """Context manager: the compute session the flags ask for (see engine.cluster).
 
-    ``--chunks`` and ``--no-progress`` are applied as chunkem config values
+    ``--chunks``, ``--zarr-compression`` and ``--no-progress`` are applied as chunkem config values
     for the duration of the session only.
     """
     import dask.config
@@ -54,6 +57,8 @@ def compute_session(args: argparse.Namespace, *, nbytes_hint: int | None = None)
     overrides: dict[str, Any] = {"chunkem.progress": not getattr(args, "no_progress", False)}
     if getattr(args, "chunks", None):
         overrides["chunkem.chunks"] = int(args.chunks)
+    if getattr(args, "zarr_compression", None):
+        overrides["chunkem.zarr-compression"] = args.zarr_compression
     with dask.config.set(overrides), _session(
         scheduler=getattr(args, "scheduler", None),
         cluster=getattr(args, "cluster", None),

@@ -201,6 +201,7 @@ def save(
     axis_order: str = "keep",
     label: str | None = None,
     progress: bool | None = None,
+    compression: str | None = None,
 ) -> Path:
     """Write a Volume to an MRC file or an OME-Zarr store, atomically.
 
@@ -231,6 +232,9 @@ def save(
         MRC only: a text label (≤ 80 characters) appended to the header labels.
     progress
         Show a progress bar (default: the ``chunkem.progress`` setting).
+    compression
+        zarr only: chunk codec (see :func:`chunkem.io.zarr.write_zarr`;
+        default the ``chunkem.zarr-compression`` setting, ``"blosc-lz4"``).
 
     Returns
     -------
@@ -255,13 +259,14 @@ def save(
 
         if mode is not None or label is not None or axis_order != "keep":
             raise ParameterError(f"{path}: mode=, label= and axis_order= apply to MRC output only")
-        return write_zarr(vol, path, chunks=chunks, levels=levels, overwrite=overwrite, progress=progress)
+        return write_zarr(vol, path, chunks=chunks, levels=levels, overwrite=overwrite, progress=progress,
+                          compression=compression)
     from .mrc import write_mrc
 
     if levels:
         raise ParameterError(f"{path}: an MRC file holds one level; write pyramid levels to a .zarr store")
-    if chunks is not None:
-        raise ParameterError(f"{path}: chunks= applies to zarr output only")
+    if chunks is not None or compression is not None:
+        raise ParameterError(f"{path}: chunks= and compression= apply to zarr output only")
     return write_mrc(
         vol, path, mode=mode, axis_order=axis_order, label=label, overwrite=overwrite, progress=progress
     )

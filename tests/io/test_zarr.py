@@ -273,3 +273,29 @@ def test_killed_write_never_leaves_a_store_that_opens(tmp_path):
         open_map(target)
     with pytest.raises(MapFormatError, match="incomplete"):
         open_map(tmp)
+
+
+@pytest.mark.parametrize("codec", ["blosc-lz4", "blosc-zstd", "zstd", "none", None])
+def test_zarr_compression_choices_round_trip(tmp_path, codec):
+    """Every codec stores the exact values (read back with zarr itself) and is recorded in the store."""
+    a = np.random.default_rng(3).standard_normal((9, 20, 31)).astype(np.float32)
+    vol = make_volume(a, voxel_size=1.5)
+    with dask.config.set({"chunkem.zarr-compression": "zstd"}):  # the setting is the default when codec is None
+        out = save(vol, tmp_path / "c.zarr", chunks=8, compression=codec)
+    arr = zarr.open_array(str(out / "0"), mode="r")
+    np.testing.assert_array_equal(arr[...], a)
+    names = [type(c).__name__ for c in arr.compressors]
+    expected = {"blosc-lz4": ["BloscCodec"], "blosc-zstd": ["BloscCodec"], "zstd": ["ZstdCodec"], "none": [],
+                None: ["ZstdCodec"]}[codec]
+    assert names == expected
+    if codec and codec.startswith("blosc"):
+        assert arr.compressors[0].cname.value == codec.split("-")[1]
+
+
+def test_zarr_compression_unknown_is_refused_before_writing(tmp_path):
+    vol = make_volume(np.zeros((4, 4, 4), np.float32), voxel_size=1.0)
+    with pytest.raises(ParameterError, match="compression"):
+        save(vol, tmp_path / "bad.zarr", compression="gzip9")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ParameterError, match="zarr output only"):
+        save(vol, tmp_path / "x.mrc", compression="zstd")
