@@ -465,12 +465,18 @@ def _pass_first(x, gate):
 
 
 def _gated(spec: spectral.Spectrum, gate) -> spectral.Spectrum:
-    """``spec`` unchanged, but (lazily) only once the 0-d dask array ``gate`` exists: orders the bands."""
+    """``spec`` unchanged, but (lazily) only once the dask array ``gate`` exists: orders the bands."""
     if gate is None or not spec.is_lazy:
         return spec
     data = da.blockwise(_pass_first, "ijk", spec.data, "ijk", gate, "", dtype=spec.data.dtype,
                         meta=np.empty((0, 0, 0), spec.data.dtype))
     return replace(spec, data=data)
+
+
+def _band_map(spec, gate, *, lim, centre, sigma, chunks) -> xr.DataArray:
+    """A half map band-passed around ``centre`` (from the window ``|k| <= lim``), computed after ``gate``."""
+    return spectral.irfft(spectral.apply(K.band_pass, _gated(spectral.window(spec, lim), gate), centre=centre,
+                                         sigma=sigma), chunks=chunks)
 
 
 def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy, spacing, sigma):
@@ -492,10 +498,11 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
         # the band is zero (< 1e-3 in amplitude) beyond `lim`: band-pass the window |k_axis| <= lim only, and
         # invert it with transforms pruned to the lines it touches. The band's spectra wait for the previous
         # band's state (`gate`), so that at most one band's maps are in memory (not all bands' inverse FFTs
-        # at once on an idle thread).
+        # at once on an idle thread); the second half's inverse waits for the first's (each uses every core).
         lim = K.band_limit(centre=float(c), sigma=sigma)
-        b1, b2 = (spectral.irfft(spectral.apply(K.band_pass, _gated(spectral.window(s, lim), gate), centre=float(c),
-                                                sigma=sigma), chunks=chunks) for s in (s1, s2))
+        b1 = _band_map(s1, gate, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
+        first_voxel = b1.data[0, 0, 0] if isinstance(b1.data, da.Array) else None
+        b2 = _band_map(s2, first_voxel, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
         # windowed sums with a zero halo (the window is truncated at the true map edge), folded into the
         # running first crossing; blocks whose voxels have all crossed skip the band
         state = run_local(_band_step_block, b1, b2, state, reach=reach, with_offset=True, box=box, f_prev=f_prev,
