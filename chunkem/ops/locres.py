@@ -60,7 +60,7 @@
     reaches Nyquist, so the default window is 12 voxels), window 8 / 10 /
     12 / 14 / 16 voxels: 84.3 / 85.1 / 85.0 / 82.2 / 78.6 % (92.0 / 93.0 /
     93.1 / 91.6 / 88.9 %); with ``band_spacing = 1/(2·window)`` 84.7 /
-    86.2 / 86.8 / 85.7 / 82.1 % and the medians of the two modes agree
+    86.2 / 86.4 / 85.7 / 82.1 % and the medians of the two modes agree
     (12 voxels: 7.33 vs 7.35 Å, against 7.04 Å with the default spacing).
     The exact mode agrees with itself one voxel away for only 84.4 / 85.5
     / 87.1 / 88.4 / 88.7 %: the first crossing is noise-limited there (the

@@ -156,7 +156,7 @@ def test_npc_fast_vs_exact(npc):
     is 6 × 5.36 Å = 12 voxels, what a user gets. The local FSC hovers near
     0.143 over several shells, so the first crossing is noise-limited.
     Measured on the 10 875 mask voxels: fast vs exact 85.0 % within one
-    padded shell 1/(2·window) (86.8 % with band_spacing = 1/(2·window)),
+    padded shell 1/(2·window) (86.4 % with band_spacing = 1/(2·window)),
     93.1 % within one window shell 1/window; exact vs exact one voxel away
     87.1 %. No window reaches the issue's 95 % here (8-16 voxels: 79-85 %,
     exact vs itself 84-89 %; see chunkem.ops.locres); it is met on the
