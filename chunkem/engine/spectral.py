@@ -356,14 +356,35 @@ def _irfft2_window_block(f: np.ndarray, s: tuple[int, int], workers: int | None 
 
 
 def _irfftn_window_block(f: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Inverse of :func:`_rfftn_window_block`: only the lines the window touches are transformed."""
+    """Inverse of :func:`_rfftn_window_block`: only the lines the window touches are transformed.
+
+    z first (the window's own lines), then per z-slab y (the window's
+    columns) and x (every line; irfft's own zero padding of the columns is
+    done once into a reused buffer whose padding stays zero).
+    """
     nz, ny, nx = shape
+    nxh = nx // 2 + 1
     f = np.asarray(f, dtype=np.complex64)
+    _, my, mxh = f.shape
     p = _pad_axis(f, 0, nz)  # overwrite only a buffer of our own: f may be a block dask shares
-    g = scipy.fft.ifft(p, axis=0, workers=-1, overwrite_x=p is not f).astype(np.complex64, copy=False)
+    g = scipy.fft.ifft(p, axis=0, workers=-1, overwrite_x=p is not f)
     out = np.empty(shape, dtype=np.float32)
-    for z0, z1 in _z_steps(nz, ny * g.shape[2] * 8):
-        out[z0:z1] = _irfft2_window_block(g[z0:z1], (ny, nx), workers=-1)
+    steps = _z_steps(nz, ny * nxh * 8)
+    depth = steps[0][1] - steps[0][0]
+    ybuf = np.zeros((depth, ny, mxh), dtype=np.complex64)
+    xbuf = np.zeros((depth, ny, nxh), dtype=np.complex64) if mxh < nxh else None
+    h, t = (my + 1) // 2, my // 2
+    for z0, z1 in steps:
+        y = ybuf[: z1 - z0]
+        y[:, :h] = g[z0:z1, :h]
+        y[:, h : ny - t] = 0  # the previous slab's transform left values there
+        if t:
+            y[:, ny - t :] = g[z0:z1, h:]
+        y = scipy.fft.ifft(y, axis=1, workers=-1, overwrite_x=True)
+        if xbuf is not None:
+            xbuf[: z1 - z0, :, :mxh] = y
+            y = xbuf[: z1 - z0]
+        out[z0:z1] = scipy.fft.irfft(y, n=nx, axis=2, workers=-1)
     return out
 
 
