@@ -15,24 +15,22 @@ bank streams band by band: it should not grow).
 The paper (Kaur et al. 2021) reports 12 minutes for a 400³ map on a 4-core
 laptop (MATLAB); the issue's goal is under 1 minute on 2 cores.
 
-Measured (session 3, 2026-11-22, shared 2-core machine, load average 6-10 from
-other jobs, so absolute times are 2-4x what an idle machine gives)::
+Measured 2026-11-22 on the 2-core dev VM, quiet (load 1.0-2.0), after the
+band-limited windows (each band's four inverse FFTs run on the window
+``|k| <= centre + 6.4 sigma`` of its spectrum: pruned z and y passes)::
 
-    op          size  bands  inverse FFTs  wall s  build s  inputs MB  peak - inputs MB  load
-    locbfactor  256³  10     40            41.1    1.4      400        837               8.2/8.9
-    locbfactor  256³  30     120           135.6   4.8      400        842               8.9/10.0
-    locbfactor  400³  10     40            202.8   1.9      1121       2557              10.0/9.8
-    locbfactor  400³  30     120           721.3   3.4      1121       2823              9.8/7.6
+    op          size  bands  inverse FFTs  wall s  build s  inputs MB  peak - inputs MB  load before/after
+    locbfactor  256³  10     40            10.9    0.5      401        790               1.1/1.0
+    locbfactor  256³  30     120           31.1    1.8      401        921               1.0/1.2
+    locbfactor  400³  10     40            42.2    1.0      1122       2463              1.2/1.6
+    locbfactor  400³  30     120           114.4   1.6      1121       2445              1.6/2.0
 
-On a quiet machine (load 1.2, same day): 400³ x 10 bands 67.3 s wall, build 0.7 s,
-peak - inputs 2725 MB.
-
-Memory does not grow with the band count (+1-10%). Back to back at load 6.4,
-400³ x 10 bands: 167 s wall / 118 CPU-s vs 259 s / 142 CPU-s before this
-session's changes (1.55x wall); 256³ x 10 bands, sync scheduler: 40 s vs 51 s.
-The inverse FFTs (4 per band, exact Riesz) are ~60% of the work: 30 bands of
-a 400³ map cannot reach one minute on 2 cores with pocketfft unless the
-engine prunes the empty lines of band-limited spectra.
+Goal (< 1 min at 400³ on 2 cores) met for 10 bands (42.2 s; 67.3 s before the
+windows, quiet); 30 bands take 114 s. Back to back at load ~4, 400³ x 10
+bands: 131 -> 81 s wall, 125 -> 75 CPU-s with vs without the windows, local B
+maps equal to 0.008 Å². What remains per band at 400³: the x pass of each
+inverse (every output line, ~0.2 s), the per-voxel log/fit updates and the
+noise quantile. Memory does not grow with the band count.
 
 Usage::
 
