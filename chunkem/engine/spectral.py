@@ -468,9 +468,10 @@ def _slab_bytes(method: str = "rechunk") -> int:
     of the smallest worker memory limit on a distributed cluster (a task holds a few
     slab-sized arrays at once, next to the worker's own ~250 MB and its transfer buffers).
     Through disk (``method="disk"``) no transfer buffers exist and fewer, larger pieces
-    pay: ``chunkem.fft-disk-slab-bytes``, at most 1/8 of the worker memory limit."""
+    pay: ``chunkem.fft-disk-slab-bytes``, at most 1/6 of the worker memory limit (a slab task
+    holds its input, the x-transform and its piece, ~3x the slab's complex plane bytes)."""
     if method == "disk":
-        target, share = int(config.get("fft-disk-slab-bytes", 256 * 2**20)), 8
+        target, share = int(config.get("fft-disk-slab-bytes", 256 * 2**20)), 6
     else:
         target, share = int(config.get("fft-slab-bytes", 64 * 2**20)), 32
     mem = worker_memory_limit()

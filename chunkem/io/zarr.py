@@ -130,6 +130,11 @@ class _GuardedTarget:
             os.close(fd)
 
 
+def _aligned(chunks: tuple[tuple[int, ...], ...], stored: Sequence[int]) -> bool:
+    """Every dask chunk covers whole stored chunks (the last one may end at the array's edge)."""
+    return all(all(c % int(e) == 0 for c in axis[:-1]) for axis, e in zip(chunks, stored))
+
+
 def _abort(tmp: Path) -> None:
     marker = tmp / _LIVE
     try:
@@ -243,7 +248,9 @@ def write_zarr(
             data = v.data
             if isinstance(data, da.Array):
                 target = _GuardedTarget(arr, str(tmp / _LIVE))
-                stores.append(da.store(data.rechunk(cs), target, lock=False, compute=False))
+                if not _aligned(data.chunks, cs):
+                    data = data.rechunk(cs)  # else each task writes whole stored chunks: no split
+                stores.append(da.store(data, target, lock=False, compute=False))
             else:
                 arr[...] = np.asarray(data, dtype=np.float32)
             vs = [float(x) for x in vol_voxel_size(v)]

@@ -299,3 +299,22 @@ def test_zarr_compression_unknown_is_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ParameterError, match="zarr output only"):
         save(vol, tmp_path / "x.mrc", compression="zstd")
+
+
+def test_aligned_dask_chunks_are_stored_without_a_rechunk(tmp_path, monkeypatch):
+    """Dask chunks that cover whole stored chunks (e.g. whole-plane slabs) are written as they are;
+    unaligned ones are rechunked first. Both store exactly."""
+    a = np.random.default_rng(4).standard_normal((20, 32, 24)).astype(np.float32)
+    seen = []
+    real_store = da.store
+
+    def spy(sources, *args, **kw):
+        seen.append(sources.chunks)
+        return real_store(sources, *args, **kw)
+
+    monkeypatch.setattr(da, "store", spy)
+    for chunks, expect in (((8, 32, 24), ((8, 8, 4), (32,), (24,))), ((5, 32, 24), ((4,) * 5, (8,) * 4, (8,) * 3))):
+        vol = make_volume(da.from_array(a, chunks=chunks), voxel_size=1.0)
+        out = save(vol, tmp_path / f"s{chunks[0]}.zarr", chunks=(4, 8, 8))
+        assert seen[-1] == expect
+        np.testing.assert_array_equal(zarr.open_array(str(out / "0"), mode="r")[...], a)
