@@ -24,20 +24,28 @@ volume is several times larger than the whole cluster's memory). Reported:
 wall time, throughput (input MB / s), peak RSS of each worker process
 (sampled every 0.2 s) and whether any worker died.
 
-Measured 2026-11-22 on the 2-core / 24 GB dev VM (load ~2, best of 2)::
+Measured 2026-11-22 (session 3) on the 2-core / 24 GB dev VM (load ~2.5, best of 2)::
 
     operation                    size  strategy  scipy s  threads s  cluster s  thr/scipy  cl/scipy  scipy MB/s
-    gaussian σ=2Å                256³  halo      0.72     0.42       0.71       0.58       0.99      93.8
-    rfft→lowpass→irfft           256³  gather    0.36     0.39       0.57       1.08       1.56      185.3
-    gaussian σ=2Å                512³  halo      6.93     3.57       4.20       0.51       0.61      77.5
-    rfft→lowpass→irfft           512³  slab      3.42     4.32       7.17       1.26       2.10      156.9
-    rfft→lowpass→irfft (gather)  512³  gather    3.35     4.24       5.64       1.27       1.68      160.3
+    gaussian σ=2Å                256³  halo      1.05     0.56       0.71       0.53       0.68      63.8
+    rfft→lowpass→irfft           256³  gather    0.39     0.36       0.55       0.92       1.41      170.9
+    gaussian σ=2Å                512³  halo      7.52     4.29       6.21       0.57       0.83      71.4
+    rfft→lowpass→irfft           512³  slab      3.88     3.01       5.58       0.78       1.44      138.3
+    rfft→lowpass→irfft (gather)  512³  gather    3.45     3.11       4.03       0.90       1.17      155.8
 
-    out of core: lowpass 20 Å of 512×2048×2048 float32 (8.59 GB zarr → zarr),
-    2 workers × 1 GB, 25,577 tasks, slab exchange through scratch files:
-    wall 275.6 s, 31.2 MB/s, peak worker RSS 707 / 693 MB, no worker lost
-    (the in-memory-rechunk exchange took 447 s, 19 MB/s, 941 / 916 MB)
-    → 20% of scipy's in-memory rfft→lowpass→irfft rate at 512³ (156.9 MB/s above).
+The low-pass (4 Å on 1 Å voxels) is band-limited: chunkem transforms only the
+window |k_axis| <= its support (``engine.spectral.window``), scipy the whole
+grid; hence threads < scipy. Session 2 (whole-grid transforms): 1.08 / 1.26.
+
+    out of core: lowpass 20 Å of 512×2048×2048 float32 (8.59 GB zarr → zarr, 4 Å voxels),
+    2 workers × 1 GB, slab exchange through scratch files (the 20 Å window: ~1/5 of the spectrum):
+      input read in whole-plane slabs (8 × 2048 × 2048), 396 tasks:
+        wall 75.2 s, 114.2 MB/s, peak worker RSS 542 / 542 MB, no worker lost   (76.9 s in a second run)
+      input read in its stored chunks (8 × 256 × 256), 12,684 tasks:
+        wall 118.3 s, 72.6 MB/s, peak worker RSS 706 / 671 MB, no worker lost
+      check: std of the output 0.17639 vs 0.17659 expected for low-passed unit white noise (-0.12%)
+    → 73% (slabs) / 46% (stored chunks) of scipy's in-memory rfft→lowpass→irfft rate at 512³
+      (156.9 MB/s, the best scipy row of the two sessions). Session 2: 275.6 s, 31.2 MB/s (20%).
 
 Usage::
 
@@ -228,7 +236,18 @@ def part2(shape, workers: int, memory: str, workdir: Path, chunks: int, slab_rea
             names1 = set(client.scheduler_info(n_workers=-1)["workers"])
             lost = len(names0 - names1)
     peaks = sorted(rss.peak.values(), reverse=True)
+    # sanity check of the result: the input is unit white noise, so the low-passed map's variance is
+    # the multiplier's mean square over the Nyquist cube (a sphere well inside it: a radial integral)
+    from chunkem.kernels.filters import lowpass_multiplier
+
+    sgrid = np.linspace(0.0, 0.125, 100_001)  # 1/Å, up to Nyquist at 4 Å/voxel
+    m2 = lowpass_multiplier(sgrid, cutoff=1 / 20.0, width=0.2 / 20.0) ** 2
+    expected_std = float(np.sqrt(np.trapezoid(m2 * 4 * np.pi * sgrid**2, sgrid) * 4.0**3))
+    zmid = shape[0] // 2
+    sample = np.asarray(open_map(dst).data[zmid : zmid + 4].compute(), dtype=np.float64)
     return {
+        "std_out": float(sample.std()),
+        "std_expected": expected_std,
         "shape": shape,
         "gb": nbytes / 1e9,
         "workers": workers,
@@ -292,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  wall {ooc['wall_s']:.1f} s, throughput {ooc['mb_per_s']:.1f} MB/s, peak worker RSS "
               + ", ".join(f"{m:.0f} MB" for m in ooc["peak_worker_rss_mb"])
               + f", workers lost: {ooc['workers_lost']}, worker processes seen: {ooc['worker_processes_seen']}")
+        print(f"  check: output std {ooc['std_out']:.5f} (4 middle planes) vs {ooc['std_expected']:.5f} expected "
+              f"for low-passed unit white noise ({100 * (ooc['std_out'] / ooc['std_expected'] - 1):+.2f}%)")
         fft_rows = [r for r in rows if r["op"].startswith("rfft") and r["strategy"] != "gather"] or \
                    [r for r in rows if r["op"].startswith("rfft")]
         if fft_rows:
