@@ -45,7 +45,12 @@ size  tool        wall s   peak MB   max |ΔFSC| vs peer
 1024  chunkem     261      2094 per process, 4163 whole tree (slab, LocalCluster 2 workers x 3 GB)
 ====  ==========  =======  ========  ===================
 
-At load ~1.2: 256³ chunkem 2.8 s, servalcat 4.6 s, emda 5.1 s. chunkem's fixed
+Session 3 (2026-11-22, one read per map, cheaper plot), 256³, whole process:
+quiet machine (load 0.6-1.0), three runs: chunkem 3.13 / 3.13 / 3.36 s vs emda
+6.83 / 7.64 / 7.47 s (0.41-0.46x, goal <= 0.5x); at load 1.3-1.9: 3.96 / 3.26 s
+vs emda 7.55 / 6.02 s (0.52-0.54x), servalcat 7.95 / 5.34 s.
+
+At load ~1.2 (session 1): 256³ chunkem 2.8 s, servalcat 4.6 s, emda 5.1 s. chunkem's fixed
 cost (~1.3 s of dask.array/xarray/pandas imports, ~0.5 s matplotlib PNG) bounds
 its time at small sizes. The 1024³ curve matches the generator's analytic FSC
 (SNR = 16 exp(-4π²σ²k²) / 2.25, σ = 1.5 voxels) within 0.0063 beyond shell 20,
