@@ -62,6 +62,7 @@ __all__ = [
     "local_scheduler",
     "radial_profile",
     "choose_strategy",
+    "slab_read_chunks",
     "worker_memory_limit",
 ]
 
@@ -536,6 +537,22 @@ def _slab_z(nz: int, plane_bytes: int, target: int | None = None, align: int | N
             cz = (cz // align) * align
         return cz
     return _balanced(nz, cz)
+
+
+def slab_read_chunks(shape, stored_z: int | None = None, strategy: str = "auto") -> tuple[int, int, int] | None:
+    """Chunks ``(cz, ny, nx)`` in which to read a map whose first stage is a slab FFT, or None.
+
+    Whole-plane z-slabs of the slab transform's depth (aligned with ``stored_z``,
+    the z-chunk depth of the file, when given): the transform then starts from
+    the chunks as read, with no all-to-all merge of small chunks into slabs
+    (nor, on a cluster, their transfers between workers). None when the map
+    is gathered (:func:`choose_strategy` says ``"gather"``): any chunks do.
+    """
+    if choose_strategy(shape, strategy) != "slab":
+        return None
+    nz, ny, nx = (int(n) for n in shape)
+    method = transpose_method(nz * ny * (nx // 2 + 1) * 8)
+    return (_slab_z(nz, ny * (nx // 2 + 1) * 8, _slab_bytes(method), align=stored_z), ny, nx)
 
 
 def rfft(vol: xr.DataArray, *, strategy: str = "auto", limit: float | None = None) -> Spectrum:

@@ -315,3 +315,13 @@ def test_irfft_of_a_window_leaves_the_spectrum_intact(vs):
             a, b = dask.compute(sp.irfft(lazy, strategy=strategy).data, sp.irfft(lazy, strategy=strategy).data * 2)
             np.testing.assert_allclose(b, 2 * a, rtol=0, atol=1e-6 * np.abs(a).max())
             np.testing.assert_allclose(a, first, rtol=0, atol=1e-5 * np.abs(first).max())
+
+
+
+def test_slab_read_chunks_whole_planes_aligned_with_the_file():
+    with dask.config.set({"chunkem.fft-slab-bytes": 4 * 64 * 33 * 8}):  # 4 planes of a (.., 64, 64) spectrum
+        assert sp.slab_read_chunks((40, 64, 64), strategy="gather") is None
+        cz, ny, nx = sp.slab_read_chunks((40, 64, 64), strategy="slab")
+        assert (ny, nx) == (64, 64) and cz == 4
+        assert sp.slab_read_chunks((40, 64, 64), stored_z=8, strategy="slab")[0] in (1, 2, 4, 8)  # divides 8
+        assert sp.slab_read_chunks((40, 64, 64), stored_z=2, strategy="slab")[0] % 2 == 0  # a multiple of 2
