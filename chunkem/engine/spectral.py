@@ -347,13 +347,14 @@ def _ifft_z_window_block(f: np.ndarray, nz: int) -> np.ndarray:
                                                                                                 copy=False)
 
 
-def _irfft2_window_block(f: np.ndarray, s: tuple[int, int], workers: int | None = None) -> np.ndarray:
-    """Zero-pad a (z-slab) window along y to ``ny``, ifft over y, irfft over x to ``nx`` (the x padding is irfft's)."""
+def _irfft2_window_block(f: np.ndarray, s: tuple[int, int]) -> np.ndarray:
+    """Slab path: zero-pad a z-slab of a window along y to ``ny``, ifft over y, irfft over x to ``nx``
+    (the x padding is irfft's). The gathered inverse (:func:`_irfftn_window_block`) reuses its buffers instead."""
     ny, nx = s
     f = np.asarray(f, dtype=np.complex64)
     p = _pad_axis(f, 1, ny)  # overwrite only a buffer of our own: f may be a block dask shares
-    h = scipy.fft.ifft(p, axis=1, workers=workers, overwrite_x=p is not f)
-    return scipy.fft.irfft(h, n=nx, axis=2, workers=workers).astype(np.float32, copy=False)
+    h = scipy.fft.ifft(p, axis=1, overwrite_x=p is not f)
+    return scipy.fft.irfft(h, n=nx, axis=2).astype(np.float32, copy=False)
 
 
 def _irfftn_window_block(f: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

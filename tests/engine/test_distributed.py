@@ -145,6 +145,21 @@ def test_ops_equal_numpy_on_cluster(cluster, case, sigma, strategy):
     assert ss[2].sum() == pytest.approx(float((np.abs(F[sp.shell_index(*sp.frequencies(a.shape, vs), shape=a.shape, voxel_size=vs) >= 0]) ** 2).sum()), rel=1e-5)
 
 
+def _kill_when_busy(client, vaddr: str, proc: subprocess.Popen, fut, *, held: int) -> None:
+    """SIGKILL worker ``proc`` (address ``vaddr``) once it holds ``held`` results and ``fut`` is still running."""
+    deadline = time.time() + 60
+    n = 0
+    while time.time() < deadline:
+        n = len(client.has_what([vaddr]).get(vaddr, ()))
+        if n >= held:
+            break
+        time.sleep(0.05)
+    assert n >= held, "the victim worker never got any work"
+    assert not fut.done()
+    proc.kill()
+    proc.wait(timeout=10)
+
+
 def _slow_copy(block):
     time.sleep(0.25)
     return block.copy()
@@ -167,18 +182,7 @@ def test_worker_killed_mid_filter_gives_identical_result(cluster):
                      if info["name"] == "victim")
         n_before = len(client.scheduler_info(n_workers=-1)["workers"])
         fut = client.compute(filtered.data)
-        # wait until the victim holds results, then kill it mid-computation
-        deadline = time.time() + 60
-        held = 0
-        while time.time() < deadline:
-            held = len(client.has_what([vaddr]).get(vaddr, ()))
-            if held >= 3:
-                break
-            time.sleep(0.05)
-        assert held >= 3, "the victim worker never got any work"
-        assert not fut.done()
-        victim.kill()
-        victim.wait(timeout=10)
+        _kill_when_busy(client, vaddr, victim, fut, held=3)
         out = fut.result(timeout=120)
         remaining = client.scheduler_info(n_workers=-1)["workers"]
         assert vaddr not in remaining and len(remaining) == n_before - 1
@@ -217,17 +221,7 @@ def test_worker_killed_mid_disk_transpose_gives_identical_result(cluster):
                 killed = build("killed")
                 assert any(str(k).startswith("('disk-rechunk-") for k in dict(killed.__dask_graph__()))
                 fut = client.compute(killed)
-            deadline = time.time() + 60
-            held = 0
-            while time.time() < deadline:
-                held = len(client.has_what([vaddr]).get(vaddr, ()))
-                if held >= 2:
-                    break
-                time.sleep(0.05)
-            assert held >= 2, "the victim worker never got any work"
-            assert not fut.done()
-            victim.kill()
-            victim.wait(timeout=10)
+            _kill_when_busy(client, vaddr, victim, fut, held=2)
             out = fut.result(timeout=120)
             assert vaddr not in client.scheduler_info(n_workers=-1)["workers"]
     finally:
