@@ -39,8 +39,9 @@ MonoRes (monogenic amplitude)
 -----------------------------
 :func:`riesz_highpass` is the Fourier kernel of the high-passed map and its
 three Riesz components; :func:`monogenic_amplitude` combines them;
-:func:`monores_assign` scans the amplitude/threshold ratios from low to high
-resolution with the two-failure freeze rule of Xmipp's MonoRes.
+:func:`monores_step` folds the amplitude/threshold ratio of each step, from low
+to high resolution, into a running state with the two-failure freeze rule of
+Xmipp's MonoRes (:func:`monores_assign` on stacked steps).
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ __all__ = [
     "riesz_component",
     "lowpass_kernel",
     "monogenic_amplitude",
+    "monores_state_init",
+    "monores_step",
+    "monores_state_resolution",
     "monores_assign",
     "monores_postprocess",
     "interpolate_grid",
@@ -830,19 +834,62 @@ def monogenic_amplitude(g: np.ndarray, r1: np.ndarray, r2: np.ndarray, r3: np.nd
                    + np.square(r3, dtype=np.float64)).astype(np.float32)
 
 
+#: MonoRes scan state: ``fails * _FAIL_UNIT + resolution`` (resolution 0 = none assigned yet; -1 = not analysed).
+#: Resolutions (Å) must stay below it; float64 keeps them to ~1e-9 Å.
+_FAIL_UNIT = 1.0e6
+
+
+def monores_state_init(mask: np.ndarray | None, shape: Sequence[int] | None = None) -> np.ndarray:
+    """Start state of :func:`monores_step`: no resolution, no failure; voxels with ``mask <= 0.5`` are left out.
+
+    The state of a voxel is one float64, ``fails * 1e6 + d``: ``d`` the last
+    resolution (Å) that passed (0: none yet) and ``fails`` the number of
+    consecutive failures since; -1 for voxels that are not analysed.
+    ``mask=None``: every voxel of ``shape`` is analysed.
+    """
+    if mask is None:
+        return np.zeros(tuple(shape), dtype=np.float64)
+    return np.where(np.asarray(mask) > 0.5, 0.0, -1.0)
+
+
+def monores_step(state: np.ndarray, ratio: np.ndarray, *, resolution: float, max_fails: int = 2) -> np.ndarray:
+    """One step of the MonoRes scan (Xmipp's two-failure freeze rule), folded into the running state.
+
+    A voxel still active (analysed, fewer than ``max_fails`` consecutive
+    failures) whose ``ratio`` (monogenic amplitude / noise threshold) is above
+    1 takes ``resolution`` (Å) and its failure count is reset; an active
+    voxel that fails counts one more failure; after ``max_fails``
+    consecutive failures the voxel is frozen at its last resolution. NaN
+    ratios fail. Steps are folded from low to high resolution.
+    """
+    if not 0.0 < resolution < _FAIL_UNIT:
+        raise ValueError(f"resolution must be between 0 and {_FAIL_UNIT:g} Å, got {resolution}")
+    x = np.array(state, dtype=np.float64)  # a copy: the new state
+    fails = np.floor(x / _FAIL_UNIT)
+    active = (x >= 0) & (fails < max_fails)
+    ok = np.asarray(ratio) > 1.0
+    x[active & ok] = float(resolution)
+    x[active & ~ok] += _FAIL_UNIT
+    return x
+
+
+def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Resolution (Å, float32) of a folded MonoRes state: NaN where no step passed, outside ``mask`` or left out."""
+    x = np.asarray(state, dtype=np.float64)
+    d = x - np.floor(x / _FAIL_UNIT) * _FAIL_UNIT
+    d = np.where((x >= 0) & (d > 0), d, np.nan)
+    if mask is not None:
+        d = np.where(np.asarray(mask) > 0.5, d, np.nan)
+    return d.astype(np.float32)
+
+
 def monores_assign(
     *ratios: np.ndarray,
     resolutions: Sequence[float],
     max_fails: int = 2,
     mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """MonoRes scan: resolution of each voxel from amplitude/threshold ratios.
-
-    Steps go from low to high resolution. At step ``k`` a voxel that is still
-    active and has ``ratio_k > 1`` (monogenic amplitude above the noise
-    threshold) gets ``resolutions[k]`` and its failure counter is reset;
-    otherwise the counter grows, and after ``max_fails`` consecutive
-    failures the voxel is frozen at its last assigned resolution.
+    """MonoRes scan of stacked steps: :func:`monores_step` folded over ``ratios``.
 
     Parameters
     ----------
@@ -860,17 +907,10 @@ def monores_assign(
     ndarray (float32)
         Resolution in Å; NaN where no step passed.
     """
-    shape = ratios[0].shape
-    res = np.full(shape, np.nan, dtype=np.float32)
-    fails = np.zeros(shape, dtype=np.int16)
+    state = monores_state_init(mask, np.shape(ratios[0]))
     for r, d in zip(ratios, resolutions):
-        active = fails < max_fails
-        ok = np.asarray(r) > 1.0
-        res = np.where(active & ok, np.float32(d), res)
-        fails = np.where(active, np.where(ok, 0, fails + 1), fails).astype(np.int16)
-    if mask is not None:
-        res = np.where(np.asarray(mask) > 0.5, res, np.float32(np.nan))
-    return res
+        state = monores_step(state, r, resolution=d, max_fails=max_fails)
+    return monores_state_resolution(state)
 
 
 def monores_postprocess(

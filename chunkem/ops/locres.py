@@ -405,10 +405,12 @@ def _exact_block(h1, h2, *rest, has_mask, **kw):
     return K.local_fsc_exact(h1, h2, mask, **kw)
 
 
-def _assign_block(*blocks, has_mask, **kw):
-    if has_mask:
-        return K.monores_assign(*blocks[:-1], mask=blocks[-1], **kw)
-    return K.monores_assign(*blocks, **kw)
+def _mono_init_block(*blocks, has_mask):
+    return K.monores_state_init(blocks[0] if has_mask else None, blocks[0].shape)
+
+
+def _mono_final_block(state, *rest, has_mask):
+    return K.monores_state_resolution(state, rest[0] if has_mask else None)
 
 
 def _interp_block(values, *rest, has_mask, **kw):
@@ -589,11 +591,21 @@ def _sphere_select(shape, lazy_like) -> Any:
     return (ax[0][:, None, None] + ax[1][None, :, None] + ax[2][None, None, :]) <= r * r
 
 
-def _monogenic(spec, *, cut, width, kind, smooth_cut, smooth_width, chunks, strategy):
-    comps = [spectral.irfft(spectral.apply(K.riesz_component, spec, cut=cut, width=width, component=c, kind=kind),
+def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks, strategy):
+    """Smoothed monogenic amplitude of one step (lazy); its spectra wait for ``gate`` (orders the steps).
+
+    A band filter is zero beyond ``cut + width``: its four inverse FFTs run
+    on that spectrum window (pruned transforms); the amplitude's smoothing
+    low-pass runs on the window of its own support.
+    """
+    g = _gated(spec, gate)
+    if kind == "band":
+        g = spectral.window(g, cut + width)
+    comps = [spectral.irfft(spectral.apply(K.riesz_component, g, cut=cut, width=width, component=c, kind=kind),
                             chunks=chunks) for c in range(4)]
     amp = run_local(_amp_block, *comps, reach=0.0, name="monogenic_amplitude")
-    return spectral.fourier_filter(amp, K.lowpass_kernel, strategy=strategy, cut=smooth_cut, width=smooth_width)
+    return spectral.fourier_filter(amp, K.lowpass_kernel, strategy=strategy, cut=smooth_cut, width=smooth_width,
+                                   support=smooth_cut + smooth_width)
 
 
 def _dilate_block(mask, *, radius, voxel_size):
@@ -643,22 +655,32 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         noise_select = sphere & (grown.data <= 0.5)
     amin = min(vs)
     edge = 0.02 / amin  # Xmipp's raised-cosine edge: 0.02 cycles/voxel
-    ratios = []
+    # the steps are folded one by one into a running state (last passed resolution, consecutive failures);
+    # a step's spectra wait for the previous step's state and the noise map's for the signal's, so one step's
+    # maps are in memory at a time
+    start = mask if mask is not None else h1
+    state = run_local(_mono_init_block, start, reach=0.0, has_mask=mask is not None, dtype=np.float64,
+                      name="monores_state")
+    gate = None
     for d in ds:
         f = 1.0 / d
         width = band_width * f if kind == "band" else edge
         kw = dict(cut=f, width=width, kind=kind, smooth_cut=f / smoothing, smooth_width=edge, chunks=chunks,
                   strategy=strategy)
-        amp = _monogenic(spec_s, **kw)
+        amp = _monogenic(spec_s, gate, **kw)
         if spec_n is not None:
-            amp_n = _monogenic(spec_n, **kw)
+            first_voxel = amp.data[0, 0, 0] if isinstance(amp.data, da.Array) else None
+            amp_n = _monogenic(spec_n, first_voxel, **kw)
             thr = _lazy_quantile(amp_n, None, significance)
         else:
             thr = _lazy_quantile(amp, noise_select, significance)
-        ratios.append(like(h1, amp.data / thr, name=f"ratio_{d:.3f}"))
-    vols = ratios + ([mask] if mask is not None else [])
-    raw = run_local(_assign_block, *vols, reach=0.0, has_mask=mask is not None, resolutions=ds,
-                    name="local_resolution")
+        ratio = like(h1, amp.data / thr, name=f"ratio_{d:.3f}")
+        state = run_local(K.monores_step, state, ratio, reach=0.0, resolution=d, dtype=np.float64,
+                          name="monores_state")
+        if isinstance(state.data, da.Array):
+            gate = (state.data >= 0).any()  # depends on every block of the state (its value is not used)
+    vols = [state] + ([mask] if mask is not None else [])
+    raw = run_local(_mono_final_block, *vols, reach=0.0, has_mask=mask is not None, name="local_resolution")
     # unassigned voxels and the outside take the median of the assigned ones
     rdata = raw.data
     assigned = rdata == rdata

@@ -237,6 +237,36 @@ def test_monores_assign_two_failure_rule():
     assert out[4] == 4.0  # P F P F P F: never two failures in a row; last pass at step 4
 
 
+def test_monores_fold_equals_a_plain_scan():
+    """The folded state (one float64 per voxel) gives what a plain per-voxel scan of the stacked steps gives."""
+    rng = np.random.default_rng(5)
+    n_steps, shape = 12, (3, 4, 50)
+    ratios = [rng.uniform(0.6, 1.5, shape).astype(np.float32) for _ in range(n_steps)]
+    ratios[3][0, 0, :5] = np.nan  # NaN fails
+    res = list(np.linspace(4000.0, 2.5, n_steps))  # a tomogram-sized coarsest step too
+    mask = rng.uniform(size=shape) > 0.3
+    ref = np.full(shape, np.nan)
+    for idx in np.ndindex(shape):
+        if not mask[idx]:
+            continue
+        fails = 0
+        for r, d in zip(ratios, res):
+            if fails >= 2:
+                break
+            if r[idx] > 1.0:
+                ref[idx], fails = d, 0
+            else:
+                fails += 1
+    out = K.monores_assign(*ratios, resolutions=res, mask=mask.astype(np.float32))
+    np.testing.assert_allclose(out, ref.astype(np.float32), rtol=1e-6, equal_nan=True)
+    state = K.monores_state_init(mask.astype(np.float32))
+    for r, d in zip(ratios, res):
+        state = K.monores_step(state, r, resolution=d)
+    np.testing.assert_array_equal(K.monores_state_resolution(state), out)
+    with pytest.raises(ValueError, match="resolution"):
+        K.monores_step(state, ratios[0], resolution=2e6)
+
+
 def test_monores_postprocess_keeps_the_finer_value():
     rng = np.random.default_rng(5)
     raw = (4 + rng.random((16, 16, 16))).astype(np.float32)
