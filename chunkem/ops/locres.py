@@ -84,7 +84,11 @@
     outside the mask (inside the centred sphere). Resolutions are scanned
     from ``max_resolution`` to Nyquist in ``resolution_step`` Å (steps in
     the same Fourier shell skipped); a voxel takes the last resolution that
-    passed before two consecutive failures (Xmipp). Unassigned voxels take
+    passed before two consecutive failures (Xmipp); the steps are folded one
+    by one into a running state (last passed resolution and consecutive
+    failures, one float64 per voxel), one step's maps in memory at a time,
+    and a band step's four inverse FFTs run on the band's spectrum window,
+    the amplitude's smoothing on its own. Unassigned voxels take
     the median, then a σ = 3 voxel Gaussian smoothing keeps the finer of
     smoothed and raw values. ``filter="band"`` (default) analyses a band
     ``|s - f| < 0.2 f``; ``filter="highpass"`` with ``smoothing=1`` is
