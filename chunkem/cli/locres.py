@@ -2,7 +2,7 @@
 
 --method localfsc (default) computes the FSC in a Hann-tapered window
 around every voxel (blocres semantics: window --window Å, default 6 × the
-global FSC resolution; --cutoff 0.143; padded window shells; first crossing,
+global FSC resolution; --cutoff 0.143 or several; padded window shells; first crossing,
 interpolated). --mode fast (default) uses band-passed half maps and windowed
 sums (cost grows with the number of shells); --mode exact does one windowed
 FFT per voxel like blocres (slow; --step N computes every N voxels and
@@ -16,6 +16,7 @@ mask) and OUT.png (histogram and central slices coloured by resolution).
 Examples
 --------
   chunkem locres half1.mrc half2.mrc --mask mask.mrc -o locres.mrc
+  chunkem locres half1.mrc half2.mrc --mask mask.mrc --cutoff 0.143,0.5 -o locres.mrc   # + locres_fsc0.5.mrc
   chunkem locres half1.mrc half2.mrc --mask mask.mrc --window 25 --mode exact --step 2 -o locres_exact.mrc
   chunkem locres map.mrc --method monores --mask mask.mrc -o monores.mrc
   chunkem locres half1.zarr half2.zarr --mask mask.zarr -o locres.zarr --scheduler tcp://host:8786
@@ -30,6 +31,22 @@ import warnings
 from .common import add_compute_args, check_output, compute_session, sidecar, write_json
 
 
+def _cutoff_list(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one FSC threshold")
+    return values
+
+
+def _cutoff_output(out, cutoff: float):
+    """OUT_fsc<C> beside OUT, with OUT's extension (locres.mrc -> locres_fsc0.5.mrc)."""
+    ext = out.name[len(sidecar(out, "").name):]
+    return sidecar(out, f"_fsc{cutoff:g}{ext}")
+
+
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("half1", help="first half map, or the map for --method monores (MRC/CCP4 or .zarr)")
     parser.add_argument("half2", nargs="?", default=None, help="second half map (required for localfsc)")
@@ -40,7 +57,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=["fast", "exact"], default="fast")
     g.add_argument("--window", type=float, metavar="Å", default=None,
                    help="window edge in Å (default 6 × the global FSC 0.143 resolution)")
-    g.add_argument("--cutoff", type=float, default=0.143, help="FSC threshold (default 0.143)")
+    g.add_argument("--cutoff", type=_cutoff_list, default=[0.143], metavar="C[,C...]",
+                   help="FSC threshold(s), comma-separated (default 0.143); with several (blocres' 0.5,0.143) the "
+                        "first goes to OUT, each other one to OUT_fsc<C> beside it (all from one pass)")
     g.add_argument("--step", type=int, default=None, help="--mode exact: compute every STEP voxels, interpolate")
     g.add_argument("--pad", type=int, default=1, help="window padding factor (FFT size window × (pad+1))")
     g.add_argument("--band-spacing", type=float, metavar="1/Å", default=None,
@@ -80,12 +99,27 @@ def main(args: argparse.Namespace) -> int:
                 significance=args.significance, monores_filter=args.monores_filter, smoothing=args.smoothing,
                 fill=args.fill, strategy=args.fft_strategy,
             )
-            save(r.resolution, out, progress=not args.no_progress)
-            # statistics and plot from the written map (no second computation)
-            done = r.with_resolution(open_map(out, chunks=args.chunks))
+            outputs = {r.cutoff: out} if r.cutoff is not None else {None: out}
+            outputs.update({c: _cutoff_output(out, c) for c in r.extra})
+            if r.extra:  # every cutoff's map from one pass through the bands
+                from .locspiral import save_all
+
+                save_all({c: r.at_cutoff(c).resolution for c in outputs}, outputs, progress=not args.no_progress)
+            else:
+                save(r.resolution, out, progress=not args.no_progress)
+            # statistics and plots from the written maps (no second computation)
+            done = {c: (r.at_cutoff(c) if c is not None else r).with_resolution(open_map(p, chunks=args.chunks))
+                    for c, p in outputs.items()}
+            first = next(iter(done))
             report = {"verb": "locres", "half1": args.half1, "half2": args.half2, "mask": args.mask,
-                      "output": str(out), **done.to_dict(), "compute": session.to_dict()}
-            png = done.plot(sidecar(out, ".png"))
+                      "output": str(out), **done[first].to_dict(), "compute": session.to_dict()}
+            if r.extra:
+                report["cutoffs"] = r.cutoffs
+                report["other_cutoffs"] = {f"{c:g}": {"output": str(outputs[c]), "statistics": done[c].statistics()}
+                                           for c in r.extra}
+            png = done[first].plot(sidecar(out, ".png"))
+            for c in r.extra:
+                done[c].plot(sidecar(outputs[c], ".png"), title=f"local resolution (FSC {c:g})")
     for w in caught:
         print(f"warning: {w.message}")
     elapsed = time.perf_counter() - t0
@@ -97,5 +131,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"local resolution in mask: median {st['median_A']:.2f} Å, quartiles {st['q25_A']:.2f}-"
               f"{st['q75_A']:.2f} Å ({st['n_voxels']} voxels)"
               + (f"; window {r.window:.1f} Å" if r.window else ""))
+    for c in r.extra:
+        st_c = report["other_cutoffs"][f"{c:g}"]["statistics"]
+        if st_c.get("n_voxels"):
+            print(f"FSC {c:g}: median {st_c['median_A']:.2f} Å, quartiles {st_c['q25_A']:.2f}-{st_c['q75_A']:.2f} Å "
+                  f"-> {outputs[c]}")
     print(f"wrote {out}, {jp}, {png} in {elapsed:.1f} s")
     return 0

@@ -28,7 +28,7 @@ at every voxel is then three windowed sums (``h1_j h2_j``, ``h1_j^2``,
 ``h2_j^2``) with the kernel ``w^2`` (:func:`windowed_band_fsc`, an FFT
 correlation on the block), and the resolution is the first crossing over the
 bands, folded band by band into one float per voxel
-(:func:`crossing_step`, :func:`local_fsc_band_step`). The cost grows with
+(:func:`local_fsc_band_fsc`, :func:`crossing_step`). The cost grows with
 the number of bands, not with window volume x voxels. Bands are Gaussian in
 ``|s|`` without DC (:func:`gaussian_band`, :func:`band_pass`) with the width
 the exact window effectively has (:func:`effective_band_sigma`), centred on
@@ -72,7 +72,7 @@ __all__ = [
     "crossing_step",
     "crossing_state_frequency",
     "crossing_state_resolution",
-    "local_fsc_band_step",
+    "local_fsc_band_fsc",
     "raised_cosine_highpass",
     "raised_cosine_lowpass",
     "monogenic_filter",
@@ -697,20 +697,16 @@ def crossing_state_frequency(state: np.ndarray, *, f_last: float) -> np.ndarray:
     return np.where(x <= -1.0, -1.0 - x, f_last)
 
 
-def local_fsc_band_step(
+def local_fsc_band_fsc(
     h1: np.ndarray,
     h2: np.ndarray,
     state: np.ndarray,
     *,
     box: Sequence[int],
-    f_prev: float,
-    f_cur: float,
-    first: bool,
-    cutoff: float = 0.143,
     edge_pad: Sequence[tuple[int, int]] | None = None,
     workers: int = 1,
 ) -> np.ndarray:
-    """Fast local FSC, one band on a block with a halo: windowed FSC then :func:`crossing_step`.
+    """Fast local FSC of one band on a block with a halo, where the running first crossing still needs it.
 
     The block must carry ``box // 2`` voxels of halo on every side, except
     on the sides listed in ``edge_pad`` (``(low, high)`` voxels per axis):
@@ -718,24 +714,27 @@ def local_fsc_band_step(
     map counts as zero beyond it, the window is truncated). The FSC is
     :func:`windowed_band_fsc` with ``halo=True`` (circular FFT, no extra
     padding), taken only over the bounding box of the voxels still active
-    (not crossed, inside the mask) among those at least ``box // 2`` from
-    the faces of the (padded) block, plus half a window around it: the
-    other voxels keep their state, which is what the step would give them
-    anyway (halo voxels are discarded by the caller). When no voxel is
-    active the band is skipped. The cost falls as the voxels cross.
+    in ``state`` (a :func:`crossing_step` state: not crossed, inside the
+    mask) among those at least ``box // 2`` from the faces of the (padded)
+    block, plus half a window around it; the other voxels get NaN, which
+    :func:`crossing_step` never reads (they are crossed, or halo voxels the
+    caller discards). When no voxel is active the band is skipped (all NaN).
+    The cost falls as the voxels cross. With several cutoffs pass the state
+    of the lowest: a voxel still active for a higher cutoff is active for it.
     """
     box = tuple(int(b) for b in box)
     lo = tuple(b // 2 for b in box)
-    state = np.asarray(state, dtype=np.float32)
+    state = np.asarray(state)
+    out = np.full(state.shape, np.nan, dtype=np.float32)
     pads = [(int(a), int(b)) for a, b in edge_pad] if edge_pad is not None else [(0, 0)] * 3
     # work in the coordinates of the block zero-padded at the true map edge, without padding it
     sh = tuple(n + p[0] + p[1] for n, p in zip(state.shape, pads))
     inner = tuple(slice(lo[ax] - pads[ax][0], sh[ax] - lo[ax] - pads[ax][0]) for ax in range(3))
     if any(s.stop <= s.start for s in inner):
-        return state
+        return out
     active = state[inner] >= 0
     if not active.any():
-        return state
+        return out
     # bounding box of the active voxels (block coordinates); the FFT covers it plus half a window
     box_lo, box_hi = [], []
     for ax in range(3):
@@ -747,9 +746,7 @@ def local_fsc_band_step(
     fsc = windowed_band_fsc(_zero_extended(h1, region), _zero_extended(h2, region), box=box, halo=True,
                             workers=workers)
     core = tuple(slice(h, h + b - a) for a, b, h in zip(box_lo, box_hi, lo))
-    bbox = tuple(slice(a, b) for a, b in zip(box_lo, box_hi))
-    out = state.copy()
-    out[bbox] = crossing_step(state[bbox], fsc[core], f_prev=f_prev, f_cur=f_cur, first=first, cutoff=cutoff)
+    out[tuple(slice(a, b) for a, b in zip(box_lo, box_hi))] = fsc[core]
     return out
 
 

@@ -165,7 +165,7 @@ class LocalResolutionResult:
     window
         Window edge in Å (local FSC), per axis in voxels in ``box``.
     cutoff
-        FSC threshold (local FSC).
+        FSC threshold of ``resolution`` (local FSC).
     best, worst
         Clamp range in Å (data limit, low-resolution cap).
     frequencies
@@ -178,6 +178,10 @@ class LocalResolutionResult:
         Value outside the analysed region.
     params
         Other parameters for the report.
+    extra
+        Local FSC with several cutoffs: the maps of the other cutoffs
+        (cutoff -> Volume), in the order given; :meth:`at_cutoff` gives a
+        result for one of them.
     """
 
     resolution: xr.DataArray
@@ -193,7 +197,21 @@ class LocalResolutionResult:
     mask: xr.DataArray | None = None
     fill: float = 0.0
     params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[float, xr.DataArray] = field(default_factory=dict)
     _stats: dict[str, Any] | None = field(default=None, repr=False)
+
+    @property
+    def cutoffs(self) -> list[float]:
+        """Every FSC threshold computed, ``cutoff`` first (empty for MonoRes)."""
+        return ([self.cutoff] if self.cutoff is not None else []) + list(self.extra)
+
+    def at_cutoff(self, cutoff: float) -> LocalResolutionResult:
+        """The result for one of the :attr:`cutoffs` (its map as ``resolution``, no ``extra``)."""
+        if cutoff == self.cutoff:
+            return replace(self, extra={}) if self.extra else self
+        if cutoff not in self.extra:
+            raise KeyError(f"cutoff {cutoff} was not computed (have {self.cutoffs})")
+        return replace(self, resolution=self.extra[cutoff], cutoff=float(cutoff), extra={}, _stats=None)
 
     def values_in_mask(self) -> np.ndarray:
         """Local resolution values (Å) of the analysed voxels (computes)."""
@@ -253,6 +271,7 @@ class LocalResolutionResult:
             "window_A": self.window,
             "window_voxels": list(self.box) if self.box else None,
             "cutoff": self.cutoff,
+            "cutoffs": self.cutoffs,
             "best_A": self.best,
             "worst_A": self.worst,
             "global_resolution_A": self.global_resolution,
@@ -329,6 +348,25 @@ def _check_inputs(half1, half2, mask) -> None:
         vols.append(mask)
         names.append("mask")
     check_aligned(*vols, names=names)
+
+
+def _cutoffs(cutoff: float | Sequence[float]) -> list[float]:
+    """FSC thresholds as a list (one number or several), each in (0, 1), no repeats."""
+    values = [cutoff] if np.isscalar(cutoff) else list(cutoff)
+    if not values:
+        raise ParameterError("cutoff: give at least one FSC threshold")
+    out: list[float] = []
+    for c in values:
+        try:
+            c = float(c)
+        except (TypeError, ValueError):
+            raise ParameterError(f"cutoff must be a number between 0 and 1, got {c!r}") from None
+        if not 0.0 < c < 1.0:
+            raise ParameterError(f"cutoff must be between 0 and 1, got {c}")
+        if c in out:
+            raise ParameterError(f"cutoff {c} is given twice")
+        out.append(c)
+    return out
 
 
 def _mask_count(mask: xr.DataArray) -> int:
@@ -465,14 +503,14 @@ def _state_init_block(*blocks, has_mask):
     return K.crossing_state_init(blocks[0] if has_mask else None, blocks[0].shape)
 
 
-def _band_step_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box, **kw):
-    """One band of the fast mode on a block; zeros beyond the true map edge (boundary "none" halos)."""
+def _band_fsc_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box, **kw):
+    """One band's local FSC on a block where ``state`` is active; zeros beyond the true map edge ("none" halos)."""
     pads = []
     for ax in range(3):
         g0 = int(round((offset[ax] - origin[ax]) / voxel_size[ax]))
         half = int(box[ax]) // 2
         pads.append((half if g0 == 0 else 0, half if g0 + h1.shape[ax] == map_shape[ax] else 0))
-    return K.local_fsc_band_step(h1, h2, state, box=box, edge_pad=pads, **kw)
+    return K.local_fsc_band_fsc(h1, h2, state, box=box, edge_pad=pads, **kw)
 
 
 def _pass_first(x, gate):
@@ -494,7 +532,8 @@ def _band_map(spec, gate, *, lim, centre, sigma, chunks) -> xr.DataArray:
                                          sigma=sigma), chunks=chunks)
 
 
-def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy, spacing, sigma):
+def _localfsc_fast(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, strategy, spacing, sigma):
+    """Fast local FSC maps, one per cutoff (all from the same bands), and the band frequencies."""
     nyq = 1.0 / _nyquist_resolution(vs)
     centres = np.arange(1, int(math.floor(nyq / spacing + 1e-9)) + 1) * spacing
     if centres.size == 0:
@@ -506,7 +545,9 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
     start = _rechunk(mask if mask is not None else h1, chunks)
     org = tuple(float(o) for o in h1.attrs["origin"])
     shape = tuple(int(n) for n in h1.shape)
-    state = run_local(_state_init_block, start, reach=0.0, has_mask=mask is not None, name="crossing_state")
+    state0 = run_local(_state_init_block, start, reach=0.0, has_mask=mask is not None, name="crossing_state")
+    states = [state0] * len(cutoffs)
+    lowest = int(np.argmin(cutoffs))  # its active voxels include those of every other cutoff
     f_prev = 0.0
     gate = None
     for j, c in enumerate(centres):
@@ -518,20 +559,23 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, strategy,
         b1 = _band_map(s1, gate, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
         first_voxel = b1.data[0, 0, 0] if isinstance(b1.data, da.Array) else None
         b2 = _band_map(s2, first_voxel, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
-        # windowed sums with a zero halo (the window is truncated at the true map edge), folded into the
-        # running first crossing; blocks whose voxels have all crossed skip the band
-        state = run_local(_band_step_block, b1, b2, state, reach=reach, with_offset=True, box=box, f_prev=f_prev,
-                          f_cur=float(c), first=j == 0, cutoff=cutoff, origin=org, map_shape=shape,
-                          name=f"local_fsc_{c:.4f}")
+        # windowed sums with a zero halo (the window is truncated at the true map edge) where the lowest
+        # cutoff's crossing is still open (blocks whose voxels have all crossed skip the band), folded into
+        # each cutoff's running first crossing
+        fsc = run_local(_band_fsc_block, b1, b2, states[lowest], reach=reach, with_offset=True, box=box,
+                        origin=org, map_shape=shape, name=f"local_fsc_{c:.4f}")
+        states = [run_local(K.crossing_step, st, fsc, reach=0.0, f_prev=f_prev, f_cur=float(c), first=j == 0,
+                            cutoff=co, name="crossing_state") for st, co in zip(states, cutoffs)]
         f_prev = float(c)
-        if isinstance(state.data, da.Array):
-            gate = (state.data >= 0).any()  # depends on every block of the state (its value is not used)
-    res = run_local(K.crossing_state_resolution, state, reach=0.0, f_last=float(centres[-1]), best=best,
-                    worst=worst, name="local_resolution")
+        if isinstance(states[lowest].data, da.Array):
+            gate = (states[lowest].data >= 0).any()  # depends on every block of the state (value not used)
+    res = [run_local(K.crossing_state_resolution, st, reach=0.0, f_last=float(centres[-1]), best=best, worst=worst,
+                     name="local_resolution") for st in states]
     return res, [float(c) for c in centres]
 
 
 def _localfsc_exact(h1, h2, mask, *, box, vs, cutoff, best, worst, pad, step):
+    """Exact local FSC map for one cutoff, and the shell frequencies."""
     reach = tuple((b // 2) * v for b, v in zip(box, vs))
     vols = [_rechunk(v, _work_chunks(h1)) for v in [h1, h2] + ([mask] if mask is not None else [])]
     kw: dict[str, Any] = dict(box=box, voxel_size=vs, cutoff=cutoff, best=best, worst=worst, pad=pad)
@@ -759,7 +803,7 @@ def local_resolution(
     mode: str = "fast",
     window: float | None = None,
     mask: xr.DataArray | None = None,
-    cutoff: float = 0.143,
+    cutoff: float | Sequence[float] = 0.143,
     step: int | None = None,
     best: float | None = None,
     worst: float | None = None,
@@ -797,7 +841,12 @@ def local_resolution(
         (others get ``fill``); MonoRes also takes its single-map noise from
         outside it. Default: every voxel (MonoRes with one map: automatic).
     cutoff
-        FSC threshold (0.143; 0.5 for the more conservative blocres value).
+        FSC threshold (0.143; 0.5 for the more conservative blocres value),
+        or several (blocres ``-cutoff 0.5,0.143``): the first gives
+        ``.resolution``, the others ``.extra`` (see
+        :meth:`LocalResolutionResult.at_cutoff`). The fast mode gets them all
+        from the same bands at almost no extra cost; the exact mode computes
+        each one separately.
     step
         Exact local FSC only: compute every ``step`` voxels (global grid) and
         fill the gaps by trilinear interpolation. The fast mode is per voxel
@@ -874,8 +923,7 @@ def local_resolution(
     shape = tuple(int(n) for n in half1.shape)
     if mask is not None and _mask_count(mask) == 0:
         raise DataValueError(f"mask {mask.name or ''}: no voxel is above 0.5 (empty mask)".replace("  ", " "))
-    if not 0.0 < cutoff < 1.0:
-        raise ParameterError(f"cutoff must be between 0 and 1, got {cutoff}")
+    cutoffs = _cutoffs(cutoff)
     if max(vs) / min(vs) > 1.01:
         warnings.warn(f"anisotropic voxels {vs} Å: windows are per-axis voxel counts, shells physical",
                       stacklevel=2)
@@ -901,21 +949,23 @@ def local_resolution(
                 if step > min(box) // 2:
                     raise ParameterError(f"step {step} voxels must not exceed half the window ({min(box) // 2})")
                 st = (int(step),) * 3
-            res, freqs = _localfsc_exact(half1, half2, mask, box=box, vs=vs, cutoff=cutoff, best=best,
-                                         worst=worst_v, pad=pad, step=st)
+            out = [_localfsc_exact(half1, half2, mask, box=box, vs=vs, cutoff=co, best=best, worst=worst_v, pad=pad,
+                                   step=st) for co in cutoffs]
+            maps, freqs = [o[0] for o in out], out[0][1]
         else:
             spacing = float(band_spacing) if band_spacing is not None else 1.0 / window
             if not spacing > 0:
                 raise ParameterError(f"band_spacing must be positive (1/Å), got {band_spacing}")
-            res, freqs = _localfsc_fast(half1, half2, mask, box=box, vs=vs, cutoff=cutoff, best=best, worst=worst_v,
-                                        pad=pad, strategy=strategy, spacing=spacing,
-                                        sigma=K.effective_band_sigma(window))
-        res = _fill_outside(res, mask, fill, chunks=_input_chunks(half1))
+            maps, freqs = _localfsc_fast(half1, half2, mask, box=box, vs=vs, cutoffs=cutoffs, best=best,
+                                         worst=worst_v, pad=pad, strategy=strategy, spacing=spacing,
+                                         sigma=K.effective_band_sigma(window))
+        maps = [_fill_outside(r, mask, fill, chunks=_input_chunks(half1)) for r in maps]
         return LocalResolutionResult(
-            resolution=res, method=method, mode=mode, window=window, box=box, cutoff=cutoff, best=best,
+            resolution=maps[0], method=method, mode=mode, window=window, box=box, cutoff=cutoffs[0], best=best,
             worst=worst_v, frequencies=freqs, global_resolution=glob, mask=mask, fill=float(fill),
             params={"pad": pad, "step": step if mode == "exact" else None,
                     "band_sigma_per_A": K.effective_band_sigma(window) if mode == "fast" else None},
+            extra=dict(zip(cutoffs[1:], maps[1:])),
         )
 
     # MonoRes

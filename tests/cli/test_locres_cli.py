@@ -49,6 +49,24 @@ def test_locres_cli_matches_library(files):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_locres_cli_several_cutoffs(files):
+    ph, d, p = files
+    out = d / "multi.mrc"
+    rc = main(["locres", str(p["half1"]), str(p["half2"]), "--mask", str(p["mask"]), "--window", "14",
+               "--cutoff", "0.143,0.5", "-o", str(out), "--no-progress"])
+    assert rc == 0
+    ref = local_resolution(ph.half1, ph.half2, mask=ph.mask, window=14.0, cutoff=(0.143, 0.5))
+    np.testing.assert_allclose(open_map(out).values, ref.resolution.values, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(open_map(d / "multi_fsc0.5.mrc").values, ref.extra[0.5].values, rtol=1e-4, atol=1e-4)
+    rep = json.loads((d / "multi.json").read_text())
+    assert rep["cutoffs"] == [0.143, 0.5]
+    other = rep["other_cutoffs"]["0.5"]
+    assert other["output"].endswith("multi_fsc0.5.mrc")
+    assert other["statistics"]["median_A"] == pytest.approx(ref.at_cutoff(0.5).median, rel=1e-4)
+    assert other["statistics"]["median_A"] > rep["statistics"]["median_A"]
+    assert (d / "multi_fsc0.5.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_locres_cli_monores_zarr(files):
     ph, d, p = files
     out = d / "mono.zarr"
@@ -95,3 +113,11 @@ def test_cli_errors(files, capsys, tmp_path):
     rc = main(["locres", str(p["half1"]), str(p["half2"]), "-o", str(p["half1"])])
     assert rc == 2
     assert "overwrite an input" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["locres", str(p["half1"]), str(p["half2"]), "--cutoff", "0.143,x", "-o", str(tmp_path / "y.mrc")])
+    assert "comma-separated" in capsys.readouterr().err
+    rc = main(["locres", str(p["half1"]), str(p["half2"]), "--window", "14", "--cutoff", "0.5,0.5",
+               "-o", str(tmp_path / "y.mrc")])
+    assert rc == 2
+    assert "twice" in capsys.readouterr().err
+    assert not (tmp_path / "y.mrc").exists()

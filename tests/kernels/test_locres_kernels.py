@@ -325,23 +325,29 @@ def test_band_step_skips_only_finished_blocks():
     a = rng.standard_normal((16, 16, 16)).astype(np.float32)
     b = (a + rng.standard_normal(a.shape)).astype(np.float32)
     box = (6, 6, 6)
-    kw = dict(box=box, f_prev=0.1, f_cur=0.2, first=False, cutoff=0.143)
+    kw = dict(f_prev=0.1, f_cur=0.2, first=False, cutoff=0.143)
     state = np.full(a.shape, 0.5, np.float32)
     state[5:9, 5:9, 5:9] = -1.2  # crossed
-    ref = K.crossing_step(state, K.windowed_band_fsc(a, b, box=box, halo=True), **{k: kw[k] for k in kw if k != "box"})
+    full = K.windowed_band_fsc(a, b, box=box, halo=True)
+    ref = K.crossing_step(state, full, **kw)
     inner = (slice(3, 13),) * 3  # voxels at least box // 2 from the faces (the halo is the caller's to drop)
-    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, state, **kw)[inner], ref[inner])
-    # active voxels in one corner only: the FFT covers their bounding box plus half a window, same values
+    fsc = K.local_fsc_band_fsc(a, b, state, box=box)
+    np.testing.assert_array_equal(fsc[inner], full[inner])
+    np.testing.assert_array_equal(K.crossing_step(state, fsc, **kw)[inner], ref[inner])
+    # active voxels in one corner only: the FFT covers their bounding box plus half a window, same values there
     corner = np.full(a.shape, -1.1, np.float32)
     corner[3:7, 9:13, 4:6] = 0.5
-    got = K.local_fsc_band_step(a, b, corner, **kw)
-    ref_c = K.crossing_step(corner, K.windowed_band_fsc(a, b, box=box, halo=True), **{k: kw[k] for k in kw if k != "box"})
+    fc = K.local_fsc_band_fsc(a, b, corner, box=box)
+    np.testing.assert_allclose(fc[3:7, 9:13, 4:6], full[3:7, 9:13, 4:6], atol=1e-5)
+    assert np.isnan(fc[:3]).all() and np.isnan(fc[:, :, 7:]).all()  # outside the bounding box: not computed
+    got = K.crossing_step(corner, fc, **kw)
+    ref_c = K.crossing_step(corner, full, **kw)
     np.testing.assert_allclose(got[inner], ref_c[inner], atol=1e-5)
     assert (got[corner < 0] == -1.1).all()
     # every interior voxel crossed: the band is skipped, even though the halo is not
     done = state.copy()
     done[3:13, 3:13, 3:13] = -1.3
-    np.testing.assert_array_equal(K.local_fsc_band_step(a, b, done, **kw), done)
+    assert np.isnan(K.local_fsc_band_fsc(a, b, done, box=box)).all()
     assert (ref[5:9, 5:9, 5:9] == -1.2).all()  # crossed voxels keep their state
 
 

@@ -212,7 +212,7 @@ def test_fast_band_step_any_chunking(data):
     """The fast mode's band stage (halo = half the window, in Å; zeros beyond the map edge; finished blocks
     skipped) equals one whole-array call of the zero-padded linear correlation, for any chunking."""
     from chunkem.engine.local import run_local
-    from chunkem.ops.locres import _band_step_block
+    from chunkem.ops.locres import _band_fsc_block
 
     shape = tuple(data.draw(st.integers(12, 26), label=f"n{ax}") for ax in range(3))
     vs = data.draw(st.sampled_from([(1.0, 1.0, 1.0), (1.3, 1.1, 0.9)]), label="voxel")
@@ -230,8 +230,10 @@ def test_fast_band_step_any_chunking(data):
     ref = K.crossing_step(state, K.windowed_band_fsc(a.values, b.values, box=box), **kw)
     reach = tuple((bx // 2) * v for bx, v in zip(box, vs))
     ch = dict(zip("zyx", chunks))
-    got = run_local(_band_step_block, a.chunk(ch), b.chunk(ch), sv.chunk(ch), reach=reach, with_offset=True, box=box,
-                    origin=(0.0, 0.0, 0.0), map_shape=shape, **kw).values
+    fsc = run_local(_band_fsc_block, a.chunk(ch), b.chunk(ch), sv.chunk(ch), reach=reach, with_offset=True, box=box,
+                    origin=(0.0, 0.0, 0.0), map_shape=shape)
+    assert np.isnan(fsc.values[:, :, : max(0, shape[2] // 2 - box[2])]).all()  # crossed, far from active voxels
+    got = run_local(K.crossing_step, sv.chunk(ch), fsc, reach=0.0, **kw).values
     np.testing.assert_allclose(got, ref, atol=5e-5)
     assert (got[:, :, : shape[2] // 2] == -1.25).all()
 
@@ -277,6 +279,35 @@ def test_two_worker_cluster(small, two_worker_client):
     np.testing.assert_allclose(got, ref, atol=1e-3)
 
 
+def test_several_cutoffs_in_one_run(small):
+    """cutoff=(0.143, 0.5): each map equals its own single-cutoff run, in both modes and on any chunking;
+    the 0.5 crossing comes first, so its map is coarser or equal everywhere."""
+    kw = dict(mask=small.mask, window=14.0)
+    both = local_resolution(small.half1, small.half2, cutoff=(0.143, 0.5), **kw)
+    assert both.cutoffs == [0.143, 0.5]
+    sel = small.mask.values > 0.5
+    for c in (0.143, 0.5):
+        one = local_resolution(small.half1, small.half2, cutoff=c, **kw)
+        # (equal up to float round-off: the FFT regions follow the lowest cutoff's open voxels)
+        np.testing.assert_allclose(both.at_cutoff(c).resolution.values, one.resolution.values, atol=1e-4)
+        assert both.at_cutoff(c).cutoff == c and both.at_cutoff(c).extra == {}
+    fine, coarse = both.resolution.values[sel], both.extra[0.5].values[sel]
+    assert (coarse >= fine - 1e-5).all()
+    assert np.median(coarse) > np.median(fine) + 0.2
+    assert both.at_cutoff(0.5).median == pytest.approx(float(np.median(coarse)), abs=1e-4)
+    with pytest.raises(KeyError, match="not computed"):
+        both.at_cutoff(0.3)
+    ch = {"z": 10, "y": 13, "x": 16}
+    lazy = local_resolution(small.half1.chunk(ch), small.half2.chunk(ch), mask=small.mask.chunk(ch), window=14.0,
+                            cutoff=(0.5, 0.143))
+    np.testing.assert_allclose(lazy.resolution.values, both.extra[0.5].values, atol=1e-3)
+    np.testing.assert_allclose(lazy.extra[0.143].values, both.resolution.values, atol=1e-3)
+    ex = local_resolution(small.half1, small.half2, mode="exact", step=3, cutoff=(0.5, 0.143), **kw)
+    ex1 = local_resolution(small.half1, small.half2, mode="exact", step=3, cutoff=0.143, **kw)
+    np.testing.assert_array_equal(ex.extra[0.143].values, ex1.resolution.values)
+    assert ex.to_dict()["cutoffs"] == [0.5, 0.143]
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -302,6 +333,12 @@ def test_bad_inputs(small):
         local_resolution(h1, h2, window=14.0, best=2.0)
     with pytest.raises(ParameterError, match="step"):
         local_resolution(h1, h2, window=14.0, mode="exact", step=9)
+    with pytest.raises(ParameterError, match="twice"):
+        local_resolution(h1, h2, window=14.0, cutoff=(0.143, 0.143))
+    with pytest.raises(ParameterError, match="between 0 and 1"):
+        local_resolution(h1, h2, window=14.0, cutoff=(0.143, 1.5))
+    with pytest.raises(ParameterError, match="at least one"):
+        local_resolution(h1, h2, window=14.0, cutoff=())
 
 
 # --------------------------------------------------------------------------- local filtering
