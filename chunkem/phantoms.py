@@ -920,7 +920,7 @@ def make_phantom(
     for k, bb in enumerate(b_grid):
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = ref_power * np.exp(-(bb - b0) * freq**2 / 2.0) / noise_power
-        curve = np.nan_to_num(snr / (1.0 + snr), nan=1.0)
+            curve = np.nan_to_num(snr / (1.0 + snr), nan=1.0)  # inf / inf (no noise power in a shell): 1
         res_grid[k] = 1.0 / min(max(_crossing(curve, freq), 1.0 / length), s_nyq)
     local_res = np.interp(local_b, b_grid, res_grid)
     t_total = time.perf_counter() - t0
