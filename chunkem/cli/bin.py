@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_compute_args, check_output, compute_session, sidecar, write_json
+from .common import add_compute_args, check_output, compute_session, reopen_in_fft_slabs, sidecar, write_json
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     vol = open_map(args.map, chunks=args.chunks)
     with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
+        # the graph is built inside the session: the FFT strategy depends on the workers' memory
+        if args.chunks is None and args.method == "fourier" and args.factor > 1:
+            vol = reopen_in_fft_slabs(vol, args.map, strategy=args.fft_strategy)
         binned = bin_volume(vol, factor=args.factor, method=args.method, strategy=args.fft_strategy)
         levels = pyramid(binned, levels=args.levels, method="mean")
         print(f"chunkem bin: {args.map} {tuple(vol.shape)} -> {tuple(binned.shape)} on {session.describe()}")

@@ -134,6 +134,23 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         raise
 
 
+def reopen_in_fft_slabs(vol, path: str | os.PathLike, *, strategy: str = "auto", **open_kw: Any):
+    """``vol`` reopened from ``path`` in whole-plane z-slabs when its FFT will go through slabs.
+
+    Call it inside :func:`compute_session` (the FFT strategy depends on the
+    workers' memory) and only when the user gave no ``--chunks``. A slab FFT
+    then reads its slabs directly, aligned with a zarr's stored z-chunks,
+    instead of merging many small chunks into slabs (an all-to-all step).
+    Otherwise ``vol`` is returned as it is.
+    """
+    from ..engine.spectral import slab_read_chunks
+    from ..io import open_map
+
+    stored = (vol.attrs.get("header") or {}).get("zarr", {}).get("chunks")
+    slabs = slab_read_chunks(vol.shape, stored_z=stored[0] if stored else None, strategy=strategy)
+    return vol if slabs is None else open_map(path, chunks=slabs, **open_kw)
+
+
 def sidecar(output: str | os.PathLike, suffix: str) -> Path:
     """Path beside ``output`` with its extension(s) replaced: out.mrc -> out<suffix>."""
     p = Path(output)

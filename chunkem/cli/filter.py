@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_compute_args, check_output, compute_session, sidecar, write_json
+from .common import add_compute_args, check_output, compute_session, reopen_in_fft_slabs, sidecar, write_json
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -76,12 +76,7 @@ def main(args: argparse.Namespace) -> int:
     with compute_session(args, nbytes_hint=int(vol.size) * 4) as session:
         # the graph is built inside the session: the FFT strategy depends on the workers' memory
         if args.chunks is None and args.gaussian is None and any(v is not None for v in fp.values()):
-            from ..engine.spectral import slab_read_chunks
-
-            stored = (vol.attrs.get("header") or {}).get("zarr", {}).get("chunks")
-            slabs = slab_read_chunks(vol.shape, stored_z=stored[0] if stored else None, strategy=args.fft_strategy)
-            if slabs is not None:  # a slab FFT: read whole-plane slabs (no merge of small chunks into slabs)
-                vol = open_map(args.map, chunks=slabs)
+            vol = reopen_in_fft_slabs(vol, args.map, strategy=args.fft_strategy)
         result = vol
         steps = []
         if any(v is not None for v in fp.values()):

@@ -38,8 +38,10 @@ def test_filter_lowpass_writes_map_and_report(crop, tmp_path, capsys):
 
 
 
-def test_filter_slab_fft_reads_whole_plane_slabs(crop, tmp_path, monkeypatch):
-    """With a slab FFT and no --chunks, the input is read in whole-plane z-slabs; same map as in memory."""
+@pytest.mark.parametrize("verb", ["filter", "bin"])
+def test_slab_fft_reads_whole_plane_slabs(crop, tmp_path, monkeypatch, verb):
+    """With a slab FFT and no --chunks, `filter` and a Fourier `bin` read the input in whole-plane z-slabs;
+    same map as in memory."""
     import chunkem.io as cio
 
     seen = []
@@ -50,13 +52,18 @@ def test_filter_slab_fft_reads_whole_plane_slabs(crop, tmp_path, monkeypatch):
         return real_open(path, *a, **kw)
 
     monkeypatch.setattr(cio, "open_map", spy)
-    out = tmp_path / "lp_slab.zarr"
-    assert main(["filter", str(crop), str(out), "--lowpass", "30", "--fft-strategy", "slab", "--cluster", "threads",
+    out = tmp_path / f"{verb}_slab.zarr"
+    extra = ["--lowpass", "30"] if verb == "filter" else ["--factor", "2", "--method", "fourier"]
+    assert main([verb, str(crop), str(out), *extra, "--fft-strategy", "slab", "--cluster", "threads",
                  "--no-progress"]) == 0
     src = real_open(crop)
     assert seen[0] is None and seen[-1] is not None and tuple(seen[-1][1:]) == tuple(src.shape[1:])
-    ref = filter_volume(src.compute(), lowpass=30.0)
+    if verb == "filter":
+        ref = filter_volume(src.compute(), lowpass=30.0)
+    else:
+        ref = bin_volume(src.compute(), factor=2, method="fourier")
     np.testing.assert_allclose(open_map(out).values, ref.values, atol=3e-6 * float(np.abs(src.values).max()))
+
 
 def test_filter_bandpass_bfactor_gaussian_chain(crop, tmp_path):
     out = tmp_path / "bp.zarr"

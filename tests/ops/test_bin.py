@@ -36,15 +36,18 @@ def _ref_fourier(a, f, vs):
     return np.fft.irfftn(G, s=m, axes=(0, 1, 2))
 
 
-@settings(max_examples=15, deadline=None)
-@given(case=volume_cases(min_side=3), factor=st.integers(2, 3), method=st.sampled_from(["mean", "fourier"]))
-def test_bin_equals_whole_array_reference(case, factor, method):
+@settings(max_examples=20, deadline=None)
+@given(case=volume_cases(min_side=3), factor=st.integers(2, 4), method=st.sampled_from(["mean", "fourier"]),
+       strategy=st.sampled_from(["auto", "slab"]))
+def test_bin_equals_whole_array_reference(case, factor, method, strategy):
+    """Any chunking, anisotropic voxels, both FFT strategies (the Fourier bin transforms only the window of
+    frequencies the binned grid keeps)."""
     a, _, vs, org = case
     if min(a.shape) < factor:
         return
     vol = chunked(case)
     with raise_if_computes():
-        out = bin_volume(vol, factor=factor, method=method)
+        out = bin_volume(vol, factor=factor, method=method, strategy=strategy)
     assert isinstance(out.data, da.Array)
     ref = _ref_mean(a, factor) if method == "mean" else _ref_fourier(a, factor, vs)
     np.testing.assert_allclose(out.values, ref, rtol=1e-5, atol=2e-5 * np.abs(a).max())

@@ -265,9 +265,12 @@ def test_lazy_in_lazy_out(small):
     assert isinstance(r.resolution.data, da.Array) and isinstance(f.data, da.Array)
 
 
-def test_two_worker_cluster(small, two_worker_client):
+@pytest.mark.parametrize("kw", [dict(window=14.0, band_spacing=1 / 10.0, cutoff=(0.143, 0.5)),
+                                dict(window=14.0, mode="exact", step=3),
+                                dict(method="monores", max_resolution=9.0, resolution_step=0.5)],
+                         ids=["fast-two-cutoffs", "exact-step3", "monores"])
+def test_two_worker_cluster(small, two_worker_client, kw):
     client = two_worker_client
-    kw = dict(window=14.0, band_spacing=1 / 10.0)
     ref = local_resolution(small.half1, small.half2, mask=small.mask, **kw).resolution.values
     ch = {"z": 19, "y": 20, "x": 37}
     with warnings.catch_warnings():
