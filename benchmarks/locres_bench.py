@@ -22,9 +22,26 @@ Usage::
 
 Prints a table and writes ``locres_bench.json`` in ``--out``.
 
-Measured (shared 2-core machine, load average 8-12 during the run, so the
-wall times are 2-4x those of an idle machine; TEMPy on every 4th mask
-voxel, its all-mask time extrapolated)::
+Measured on a quiet 2-core machine (load 1.1-1.4; session 4: MonoRes steps
+folded and on band windows; TEMPy on every 4th mask voxel, its all-mask time
+extrapolated)::
+
+      box tool                                     wall s  all-mask s  RMSE Å  bias Å      r rank
+      128 chunkem localfsc fast                       5.8         5.8   0.278  -0.092  0.878 ok
+      128 chunkem monores                            23.9        23.9   0.352   0.221  0.871 ok
+      128 TEMPy map_local_resolution                 19.1      1111.8   0.332   0.246  0.915 ok
+      256 chunkem localfsc fast                      15.4        15.4   0.243  -0.078  0.910 ok
+      256 chunkem monores                           102.0       102.0   0.367   0.249  0.887 ok
+      256 TEMPy map_local_resolution                125.1      7795.7   0.316   0.265  0.960 ok
+
+  chunkem fast / TEMPy (all mask): 1/192 (128³), 1/506 (256³), lower RMSE;
+  MonoRes: 1/47, 1/76, RMSE 0.02-0.05 Å higher than TEMPy's (same bias).
+  MonoRes before folding its steps: 256³ 211.5 s, 4.54 GB peak; after:
+  116.4 s, 1.44 GB (CLI, /usr/bin/time, back to back; same map to float
+  round-off: 3 of 1.76 M voxels moved by > 0.1 Å).
+
+Earlier run (shared 2-core machine, load average 8-12 during the run, so the
+wall times are 2-4x those of an idle machine)::
 
       box tool                                     wall s  all-mask s  RMSE Å  bias Å      r rank
       128 chunkem localfsc fast                      77.0        77.0   0.278  -0.092  0.878 ok
