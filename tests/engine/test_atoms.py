@@ -207,6 +207,6 @@ def test_grid_like_takes_geometry_chunks_and_header():
     g = grid_like(vol)
     assert g.shape == (10, 12, 14) and g.voxel_size == (1.0, 1.1, 1.2) and g.origin == (3.0, -2.0, 5.0)
     assert not g.lazy and sum(g.chunks[0]) == 10
-    lazy = grid_like(vol.chunk((4, 5, 6)))
+    lazy = grid_like(vol.chunk({"z": 4, "y": 5, "x": 6}))
     assert lazy.lazy and lazy.chunks == ((4, 4, 2), (5, 5, 2), (6, 6, 2))
     assert grid_like(vol.chunk(4), chunks=(5, 6, 7)).chunks == ((5, 5), (6, 6), (7, 7))
