@@ -424,6 +424,7 @@ def test_demo_stage(phantom, tmp_path):
         lazy[key] = open_map(tmp_path / f"{key}.zarr")
     out = demo_stage({"phantom": phantom, "outdir": tmp_path, **lazy})  # its time is in `chunkem demo`'s report
     assert out["rmse_A"] < 0.5 and out["corr"] > 0.5
+    assert out["median_fsc05_A"] > out["median_A"] + 0.2  # the 0.5 cutoff is crossed first: coarser
     assert (tmp_path / "locres.mrc").exists() and (tmp_path / "locres.png").stat().st_size > 1000
     back = open_map(tmp_path / "locres.mrc").values
     m = phantom.mask.values > 0.5
