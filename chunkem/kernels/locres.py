@@ -37,8 +37,9 @@ spectrum alike; they differ in noise (see :mod:`chunkem.ops.locres`).
 
 MonoRes (monogenic amplitude)
 -----------------------------
-:func:`riesz_highpass` is the Fourier kernel of the high-passed map and its
-three Riesz components; :func:`monogenic_amplitude` combines them;
+:func:`monogenic_band` is the Fourier kernel of one step's filtered map; its
+three Riesz components and the amplitude come from :mod:`chunkem.kernels.spiral`
+(``riesz_base``, ``riesz_component``, ``local_amplitude``);
 :func:`monores_step` folds the amplitude/threshold ratio of each step, from low
 to high resolution, into a running state with the two-failure freeze rule of
 Xmipp's MonoRes (:func:`monores_assign` on stacked steps).
@@ -76,9 +77,8 @@ __all__ = [
     "raised_cosine_highpass",
     "raised_cosine_lowpass",
     "monogenic_filter",
-    "riesz_component",
+    "monogenic_band",
     "lowpass_kernel",
-    "monogenic_amplitude",
     "monores_state_init",
     "monores_step",
     "monores_state_resolution",
@@ -771,16 +771,29 @@ def crossing_state_resolution(state: np.ndarray, *, f_last: float, best: float, 
 # --------------------------------------------------------------------------- MonoRes
 
 
+def _real(s) -> np.ndarray:
+    """``s`` as float32 when it is float32 (Fourier kernels on float32 grids), else float64."""
+    s = np.asarray(s)
+    return s if s.dtype == np.float32 else s.astype(np.float64)
+
+
+def _radius(kz: np.ndarray, ky: np.ndarray, kx: np.ndarray) -> np.ndarray:
+    """``|k|`` (1/Å) of broadcast frequency axes, in float32."""
+    kz, ky, kx = (np.asarray(k, dtype=np.float32) for k in (kz, ky, kx))
+    s = (ky * ky + kx * kx) + kz * kz
+    return np.sqrt(s, out=s)
+
+
 def raised_cosine_highpass(s: np.ndarray, *, cut: float, width: float) -> np.ndarray:
     """MonoRes high-pass: 0 below ``cut - width``, raised cosine to 1 at ``cut``, 1 above (1/Å)."""
-    s = np.asarray(s, dtype=np.float64)
+    s = _real(s)
     t = np.clip((s - (cut - width)) / width, 0.0, 1.0)
     return 0.5 * (1.0 - np.cos(np.pi * t))
 
 
 def raised_cosine_lowpass(s: np.ndarray, *, cut: float, width: float) -> np.ndarray:
     """MonoRes smoothing low-pass: 1 below ``cut``, raised cosine to 0 at ``cut + width`` (1/Å)."""
-    s = np.asarray(s, dtype=np.float64)
+    s = _real(s)
     t = np.clip((s - cut) / width, 0.0, 1.0)
     return 0.5 * (1.0 + np.cos(np.pi * t))
 
@@ -797,84 +810,81 @@ def monogenic_filter(s: np.ndarray, *, cut: float, width: float, kind: str = "ba
         return raised_cosine_highpass(s, cut=cut, width=width)
     if kind != "band":
         raise ValueError(f"kind must be 'band' or 'highpass', got {kind!r}")
-    t = (np.asarray(s, dtype=np.float64) - cut) / width
+    t = (_real(s) - cut) / width
     return np.where(np.abs(t) < 1.0, np.cos(0.5 * np.pi * t) ** 2, 0.0)
 
 
-def riesz_component(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, cut: float, width: float,
-                    component: int, kind: str = "band") -> np.ndarray:
-    """Fourier kernel: the filtered map (``component=0``) or its Riesz component ``1, 2, 3`` (z, y, x).
+def monogenic_band(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, cut: float, width: float,
+                   kind: str = "band") -> np.ndarray:
+    """Fourier kernel: ``F · H(|k|)`` (complex64), the spectrum of one MonoRes step's filtered map.
 
-    ``R_j g = IFT(-i (k_j / |k|) H F)`` with ``H`` :func:`monogenic_filter`.
+    ``H`` is :func:`monogenic_filter`. Its Riesz components are
+    ``FH · (-i k_j / |k|)`` (:func:`chunkem.kernels.spiral.riesz_base` then
+    :func:`~chunkem.kernels.spiral.riesz_component`), and the monogenic
+    amplitude is ``sqrt(g² + Σ r_j²)`` of the four inverses
+    (:func:`~chunkem.kernels.spiral.local_amplitude`).
     """
-    s = np.sqrt(kz**2 + ky**2 + kx**2)
-    h = monogenic_filter(s, cut=cut, width=width, kind=kind)
-    if component == 0:
-        return (F * h).astype(np.complex64)
-    k = (kz, ky, kx)[component - 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        unit = np.where(s > 0, k / np.where(s > 0, s, 1.0), 0.0)
-    return (F * (-1j * unit * h)).astype(np.complex64)
+    h = monogenic_filter(_radius(kz, ky, kx), cut=cut, width=width, kind=kind).astype(np.float32, copy=False)
+    return np.multiply(np.asarray(F, dtype=np.complex64), h)
 
 
 def lowpass_kernel(F: np.ndarray, *, kz: np.ndarray, ky: np.ndarray, kx: np.ndarray, cut: float,
                    width: float) -> np.ndarray:
-    """Fourier kernel: ``F`` times :func:`raised_cosine_lowpass`."""
-    s = np.sqrt(kz**2 + ky**2 + kx**2)
-    return (F * raised_cosine_lowpass(s, cut=cut, width=width)).astype(np.complex64)
+    """Fourier kernel: ``F`` times :func:`raised_cosine_lowpass` (complex64)."""
+    h = raised_cosine_lowpass(_radius(kz, ky, kx), cut=cut, width=width).astype(np.float32, copy=False)
+    return np.multiply(np.asarray(F, dtype=np.complex64), h)
 
 
-def monogenic_amplitude(g: np.ndarray, r1: np.ndarray, r2: np.ndarray, r3: np.ndarray) -> np.ndarray:
-    """Monogenic amplitude ``sqrt(g^2 + r1^2 + r2^2 + r3^2)`` of a map and its Riesz components."""
-    g = np.asarray(g, dtype=np.float64)
-    return np.sqrt(g * g + np.square(r1, dtype=np.float64) + np.square(r2, dtype=np.float64)
-                   + np.square(r3, dtype=np.float64)).astype(np.float32)
-
-
-#: MonoRes scan state: ``fails * _FAIL_UNIT + resolution`` (resolution 0 = none assigned yet; -1 = not analysed).
-#: Resolutions (Å) must stay below it; float64 keeps them to ~1e-9 Å.
-_FAIL_UNIT = 1.0e6
+#: MonoRes scan state: ``fails * _FAIL_UNIT + (k + 1)`` with ``k`` the index of the last step that passed
+#: (0: none yet), -1 for voxels not analysed. Small integers: exact in the float32 of a Volume.
+_FAIL_UNIT = 4096.0
+MAX_MONORES_STEPS = 4095
 
 
 def monores_state_init(mask: np.ndarray | None, shape: Sequence[int] | None = None) -> np.ndarray:
-    """Start state of :func:`monores_step`: no resolution, no failure; voxels with ``mask <= 0.5`` are left out.
+    """Start state of :func:`monores_step`: no step passed, no failure; voxels with ``mask <= 0.5`` left out.
 
-    The state of a voxel is one float64, ``fails * 1e6 + d``: ``d`` the last
-    resolution (Å) that passed (0: none yet) and ``fails`` the number of
-    consecutive failures since; -1 for voxels that are not analysed.
-    ``mask=None``: every voxel of ``shape`` is analysed.
+    The state of a voxel is one float32 holding a small integer,
+    ``fails * 4096 + (k + 1)``: ``k`` the index of the last step that passed
+    (``k + 1 = 0``: none yet) and ``fails`` the consecutive failures since;
+    -1 for voxels that are not analysed. ``mask=None``: every voxel of
+    ``shape`` is analysed.
     """
     if mask is None:
-        return np.zeros(tuple(shape), dtype=np.float64)
-    return np.where(np.asarray(mask) > 0.5, 0.0, -1.0)
+        return np.zeros(tuple(shape), dtype=np.float32)
+    return np.where(np.asarray(mask) > 0.5, np.float32(0.0), np.float32(-1.0))
 
 
-def monores_step(state: np.ndarray, ratio: np.ndarray, *, resolution: float, max_fails: int = 2) -> np.ndarray:
-    """One step of the MonoRes scan (Xmipp's two-failure freeze rule), folded into the running state.
+def monores_step(state: np.ndarray, ratio: np.ndarray, *, step: int, max_fails: int = 2) -> np.ndarray:
+    """Step ``step`` (0-based index into the scanned resolutions) of the MonoRes scan, folded into the state.
 
-    A voxel still active (analysed, fewer than ``max_fails`` consecutive
-    failures) whose ``ratio`` (monogenic amplitude / noise threshold) is above
-    1 takes ``resolution`` (Å) and its failure count is reset; an active
-    voxel that fails counts one more failure; after ``max_fails``
-    consecutive failures the voxel is frozen at its last resolution. NaN
-    ratios fail. Steps are folded from low to high resolution.
+    Xmipp's two-failure freeze rule: a voxel still active (analysed, fewer
+    than ``max_fails`` consecutive failures) whose ``ratio`` (monogenic
+    amplitude / noise threshold) is above 1 records this step and its
+    failure count is reset; an active voxel that fails counts one more
+    failure; after ``max_fails`` consecutive failures the voxel is frozen at
+    its last recorded step. NaN ratios fail. Steps are folded from low to
+    high resolution.
     """
-    if not 0.0 < resolution < _FAIL_UNIT:
-        raise ValueError(f"resolution must be between 0 and {_FAIL_UNIT:g} Å, got {resolution}")
-    x = np.array(state, dtype=np.float64)  # a copy: the new state
-    fails = np.floor(x / _FAIL_UNIT)
+    if not 0 <= int(step) < MAX_MONORES_STEPS:
+        raise ValueError(f"step must be between 0 and {MAX_MONORES_STEPS - 1}, got {step}")
+    x = np.array(state, dtype=np.float32)  # a copy: the new state
+    fails = np.floor(x / np.float32(_FAIL_UNIT))
     active = (x >= 0) & (fails < max_fails)
     ok = np.asarray(ratio) > 1.0
-    x[active & ok] = float(resolution)
-    x[active & ~ok] += _FAIL_UNIT
+    x[active & ok] = np.float32(int(step) + 1)
+    x[active & ~ok] += np.float32(_FAIL_UNIT)
     return x
 
 
-def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """Resolution (Å, float32) of a folded MonoRes state: NaN where no step passed, outside ``mask`` or left out."""
+def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None, *,
+                             resolutions: Sequence[float]) -> np.ndarray:
+    """Resolution (Å, float32) of a folded MonoRes state: ``resolutions[k]``; NaN where no step passed,
+    outside ``mask`` or left out."""
     x = np.asarray(state, dtype=np.float64)
-    d = x - np.floor(x / _FAIL_UNIT) * _FAIL_UNIT
-    d = np.where((x >= 0) & (d > 0), d, np.nan)
+    k = np.rint(x - np.floor(x / _FAIL_UNIT) * _FAIL_UNIT).astype(np.int64) - 1
+    table = np.asarray(list(resolutions) + [np.nan], dtype=np.float64)  # k = -1 -> NaN
+    d = np.where((x >= 0) & (k >= 0), table[np.clip(k, -1, len(table) - 2)], np.nan)
     if mask is not None:
         d = np.where(np.asarray(mask) > 0.5, d, np.nan)
     return d.astype(np.float32)
@@ -905,9 +915,9 @@ def monores_assign(
         Resolution in Å; NaN where no step passed.
     """
     state = monores_state_init(mask, np.shape(ratios[0]))
-    for r, d in zip(ratios, resolutions):
-        state = monores_step(state, r, resolution=d, max_fails=max_fails)
-    return monores_state_resolution(state)
+    for k, r in enumerate(ratios):
+        state = monores_step(state, r, step=k, max_fails=max_fails)
+    return monores_state_resolution(state, resolutions=resolutions)
 
 
 def monores_postprocess(

@@ -94,8 +94,8 @@
     from ``max_resolution`` to Nyquist in ``resolution_step`` Å (steps in
     the same Fourier shell skipped); a voxel takes the last resolution that
     passed before two consecutive failures (Xmipp); the steps are folded one
-    by one into a running state (last passed resolution and consecutive
-    failures, one float64 per voxel), one step's maps in memory at a time,
+    by one into a running state (last passed step and consecutive
+    failures, one small integer per voxel, exact in float32), one step's maps in memory at a time,
     and a band step's four inverse FFTs run on the band's spectrum window,
     the amplitude's smoothing on its own. Unassigned voxels take
     the median, then a σ = 3 voxel Gaussian smoothing keeps the finer of
@@ -130,6 +130,7 @@ from ..engine import spectral
 from ..engine.local import run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locres as K
+from ..kernels import spiral as KS
 from ..volume import check_aligned, like, validate_volume, voxel_size
 
 __all__ = [
@@ -460,8 +461,8 @@ def _mono_init_block(*blocks, has_mask):
     return K.monores_state_init(blocks[0] if has_mask else None, blocks[0].shape)
 
 
-def _mono_final_block(state, *rest, has_mask):
-    return K.monores_state_resolution(state, rest[0] if has_mask else None)
+def _mono_final_block(state, *rest, has_mask, resolutions):
+    return K.monores_state_resolution(state, rest[0] if has_mask else None, resolutions=resolutions)
 
 
 def _interp_block(values, *rest, has_mask, **kw):
@@ -469,7 +470,7 @@ def _interp_block(values, *rest, has_mask, **kw):
 
 
 def _amp_block(g, r1, r2, r3):
-    return K.monogenic_amplitude(g, r1, r2, r3)
+    return KS.local_amplitude(g, r1, r2, r3)
 
 
 def _post_block(raw, *rest, has_mask, **kw):
@@ -653,13 +654,17 @@ def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks
 
     A band filter is zero beyond ``cut + width``: its four inverse FFTs run
     on that spectrum window (pruned transforms); the amplitude's smoothing
-    low-pass runs on the window of its own support.
+    low-pass runs on the window of its own support. The three Riesz
+    components share ``FH / |k|`` (float32 kernels of
+    :mod:`chunkem.kernels.spiral`).
     """
     g = _gated(spec, gate)
     if kind == "band":
         g = spectral.window(g, cut + width)
-    comps = [spectral.irfft(spectral.apply(K.riesz_component, g, cut=cut, width=width, component=c, kind=kind),
-                            chunks=chunks) for c in range(4)]
+    fh = spectral.apply(K.monogenic_band, g, cut=cut, width=width, kind=kind)
+    base = spectral.apply(KS.riesz_base, fh)
+    comps = [spectral.irfft(fh, chunks=chunks)] + [
+        spectral.irfft(spectral.apply(KS.riesz_component, base, component=c), chunks=chunks) for c in "zyx"]
     amp = run_local(_amp_block, *comps, reach=0.0, name="monogenic_amplitude")
     return spectral.fourier_filter(amp, K.lowpass_kernel, strategy=strategy, cut=smooth_cut, width=smooth_width,
                                    support=smooth_cut + smooth_width)
@@ -689,6 +694,9 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
             seen.add(i)
             ds.append(round(d, 6))
         d -= resolution_step
+    if len(ds) > K.MAX_MONORES_STEPS:
+        raise ParameterError(f"MonoRes: {len(ds)} resolution steps; at most {K.MAX_MONORES_STEPS} (raise "
+                             f"resolution_step)")
     if len(ds) < 2:
         raise ParameterError(
             f"max_resolution {max_resolution:g} Å and best {best:g} Å leave fewer than 2 steps to scan"
@@ -712,14 +720,13 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         noise_select = sphere & (grown.data <= 0.5)
     amin = min(vs)
     edge = 0.02 / amin  # Xmipp's raised-cosine edge: 0.02 cycles/voxel
-    # the steps are folded one by one into a running state (last passed resolution, consecutive failures);
+    # the steps are folded one by one into a running state (last passed step, consecutive failures);
     # a step's spectra wait for the previous step's state and the noise map's for the signal's, so one step's
     # maps are in memory at a time
     start = mask if mask is not None else h1
-    state = run_local(_mono_init_block, start, reach=0.0, has_mask=mask is not None, dtype=np.float64,
-                      name="monores_state")
+    state = run_local(_mono_init_block, start, reach=0.0, has_mask=mask is not None, name="monores_state")
     gate = None
-    for d in ds:
+    for k, d in enumerate(ds):
         f = 1.0 / d
         width = band_width * f if kind == "band" else edge
         kw = dict(cut=f, width=width, kind=kind, smooth_cut=f / smoothing, smooth_width=edge, chunks=chunks,
@@ -731,13 +738,14 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
             thr = _lazy_quantile(amp_n, None, significance)
         else:
             thr = _lazy_quantile(amp, noise_select, significance)
-        ratio = like(h1, amp.data / thr, name=f"ratio_{d:.3f}")
-        state = run_local(K.monores_step, state, ratio, reach=0.0, resolution=d, dtype=np.float64,
-                          name="monores_state")
+        thr32 = thr.astype(np.float32) if isinstance(thr, da.Array) else np.float32(thr)  # float32 ratio maps
+        ratio = like(h1, amp.data / thr32, name=f"ratio_{d:.3f}")
+        state = run_local(K.monores_step, state, ratio, reach=0.0, step=k, name="monores_state")
         if isinstance(state.data, da.Array):
             gate = (state.data >= 0).any()  # depends on every block of the state (its value is not used)
     vols = [state] + ([mask] if mask is not None else [])
-    raw = run_local(_mono_final_block, *vols, reach=0.0, has_mask=mask is not None, name="local_resolution")
+    raw = run_local(_mono_final_block, *vols, reach=0.0, has_mask=mask is not None, resolutions=tuple(ds),
+                    name="local_resolution")
     # unassigned voxels and the outside take the median of the assigned ones
     rdata = raw.data
     assigned = rdata == rdata

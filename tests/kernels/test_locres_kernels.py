@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkem.kernels import locres as K
+from chunkem.kernels import spiral as KS
 from chunkem.kernels.fsc import resolution_crossing
 
 
@@ -203,16 +204,22 @@ def test_monogenic_amplitude_of_a_plane_wave_is_its_amplitude():
     ky = np.fft.fftfreq(n, a)[None, :, None]
     kx = np.fft.rfftfreq(n, a)[None, None, :]
     cut = float(np.linalg.norm(k))
-    comps = [scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=cut, width=0.2 * cut, component=c),
-                           s=f.shape) for c in range(4)]
-    amp = K.monogenic_amplitude(*comps)
+    fh = K.monogenic_band(F, kz=kz, ky=ky, kx=kx, cut=cut, width=0.2 * cut)
+    assert fh.dtype == np.complex64
+    base = KS.riesz_base(fh, kz=kz, ky=ky, kx=kx)
+    comps = [scipy.fft.irfftn(fh, s=f.shape)] + [
+        scipy.fft.irfftn(KS.riesz_component(base, kz=kz, ky=ky, kx=kx, component=c), s=f.shape) for c in "zyx"]
+    # the Riesz pair: -i k_j/|k| turns cos into the sine along k, scaled by the direction cosine k_j/|k|
+    sine = 2.5 * np.sin(2 * np.pi * (k[0] * z + k[1] * y + k[2] * x) + 0.7)
+    for j in range(3):
+        np.testing.assert_allclose(comps[1 + j], sine * k[j] / cut, atol=2e-5)
+    amp = KS.local_amplitude(*comps)
     np.testing.assert_allclose(amp, 2.5, rtol=1e-4)
     # the high-pass variant passes it too; a band elsewhere removes it
-    hp = scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=cut * 0.9, width=0.02, component=0,
-                                         kind="highpass"), s=f.shape)
+    hp = scipy.fft.irfftn(K.monogenic_band(F, kz=kz, ky=ky, kx=kx, cut=cut * 0.9, width=0.02, kind="highpass"),
+                          s=f.shape)
     np.testing.assert_allclose(hp, f, atol=1e-4)
-    off = scipy.fft.irfftn(K.riesz_component(F, kz=kz, ky=ky, kx=kx, cut=2 * cut, width=0.2 * cut, component=0),
-                        s=f.shape)
+    off = scipy.fft.irfftn(K.monogenic_band(F, kz=kz, ky=ky, kx=kx, cut=2 * cut, width=0.2 * cut), s=f.shape)
     assert np.abs(off).max() < 1e-4
 
 
@@ -243,7 +250,7 @@ def test_monores_fold_equals_a_plain_scan():
     n_steps, shape = 12, (3, 4, 50)
     ratios = [rng.uniform(0.6, 1.5, shape).astype(np.float32) for _ in range(n_steps)]
     ratios[3][0, 0, :5] = np.nan  # NaN fails
-    res = list(np.linspace(4000.0, 2.5, n_steps))  # a tomogram-sized coarsest step too
+    res = list(np.linspace(4000.0, 2.5, n_steps) + 0.0123)  # no float32-friendly values
     mask = rng.uniform(size=shape) > 0.3
     ref = np.full(shape, np.nan)
     for idx in np.ndindex(shape):
@@ -258,13 +265,14 @@ def test_monores_fold_equals_a_plain_scan():
             else:
                 fails += 1
     out = K.monores_assign(*ratios, resolutions=res, mask=mask.astype(np.float32))
-    np.testing.assert_allclose(out, ref.astype(np.float32), rtol=1e-6, equal_nan=True)
+    np.testing.assert_array_equal(out, ref.astype(np.float32))  # exact: the state holds step indices
     state = K.monores_state_init(mask.astype(np.float32))
-    for r, d in zip(ratios, res):
-        state = K.monores_step(state, r, resolution=d)
-    np.testing.assert_array_equal(K.monores_state_resolution(state), out)
-    with pytest.raises(ValueError, match="resolution"):
-        K.monores_step(state, ratios[0], resolution=2e6)
+    for k, r in enumerate(ratios):
+        state = K.monores_step(state, r, step=k).astype(np.float32)  # a Volume holds float32: nothing lost
+    assert state.dtype == np.float32
+    np.testing.assert_array_equal(K.monores_state_resolution(state, resolutions=res), out)
+    with pytest.raises(ValueError, match="step"):
+        K.monores_step(state, ratios[0], step=K.MAX_MONORES_STEPS)
 
 
 def test_monores_postprocess_keeps_the_finer_value():
