@@ -37,8 +37,9 @@ extrapolated)::
   chunkem fast / TEMPy (all mask): 1/192 (128³), 1/506 (256³), lower RMSE;
   MonoRes: 1/47, 1/76, RMSE 0.02-0.05 Å higher than TEMPy's (same bias).
   MonoRes before folding its steps: 256³ 211.5 s, 4.54 GB peak; after:
-  116.4 s, 1.44 GB (CLI, /usr/bin/time, back to back; same map to float
-  round-off: 3 of 1.76 M voxels moved by > 0.1 Å).
+  116.4 s, 1.44 GB; with float32 kernels (shared FH/|k|): 93.5 s, 1.36 GB
+  (CLI, /usr/bin/time; same map to float round-off: 1 of 1.76 M voxels
+  moved by > 0.1 Å, RMSE 0.367 Å unchanged).
 
 400³ phantom (1.3 Å, 48 000 residues, 7.4 % mask, default window 21 Å),
 whole CLI process, quiet machine (load < 1), session 4::
@@ -46,6 +47,7 @@ whole CLI process, quiet machine (load < 1), session 4::
       local FSC fast                   55.2 s wall  66.6 s CPU  3.69 GB  RMSE 0.243 Å
       local FSC fast, 0.143 and 0.5    50.0 s wall  66.1 s CPU  5.70 GB  (both maps held until written)
       MonoRes (70 steps)              563.8 s wall 794.4 s CPU  4.40 GB  RMSE 0.275 Å
+      MonoRes, float32 kernels        403.3 s wall 573.6 s CPU  4.28 GB  RMSE 0.275 Å
 
   The fast map is identical before and after the per-cutoff fold (56.3 s,
   3.66 GB before). MonoRes before its steps were folded kept one ratio map

@@ -50,11 +50,12 @@
     shape can reproduce the exact mode's own noise. Narrower bands (closer
     to hard shells) or a smaller product window made the agreement worse.
     On stationary correlated noise (64³, window 12 voxels, padded shells 2
-    to 10) the per-shell local FSC of the two modes correlates at 0.95-0.96
-    across voxels, more than the exact mode with itself one voxel away
-    (0.88-0.91), but the fast values spread 0.79x as much; bands and
-    windows that match the exact spread (``w³`` or a shrunk ``w²``) lower
-    the correlation and the NPC agreement (85.0 -> 81-82 %).
+    to 10) the per-shell local FSC of the two modes correlates at 0.90-0.96
+    across voxels (0.95-0.96 from shell 4 on), more than the exact mode
+    with itself one voxel away (0.88-0.91), but the fast values spread only
+    0.68-0.82x as much; bands and windows that match the exact spread
+    (``w³`` or a shrunk ``w²``) lower the correlation and the NPC agreement
+    (85.0 -> 81-82 %). ``benchmarks/locres_fast_vs_exact.py`` measures both.
 
     Measured (fraction of mask voxels within one padded shell
     ``1/(2·window)`` or 0.3 Å, whichever is larger; in brackets within
