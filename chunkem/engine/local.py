@@ -170,7 +170,8 @@ def run_local(
         Also pass ``offset=(oz, oy, ox)``: the position in Å of the block's
         first voxel (halo included), and ``voxel_size=(vz, vy, vx)`` Å.
     dtype
-        Output dtype of the kernel (the Volume itself is float32).
+        Output dtype of the kernel: float32, the dtype of every Volume
+        (anything else is refused rather than silently cast).
     name
         Name of the output Volume (default: the first input's name).
     kernel_kwargs
@@ -200,6 +201,9 @@ def run_local(
     """
     if not volumes:
         raise ParameterError("run_local needs at least one Volume")
+    if np.dtype(dtype) != np.float32:
+        raise ParameterError(f"run_local: dtype={np.dtype(dtype)}, but a Volume holds float32 and the result would "
+                             "be cast; encode the kernel's output in float32 (e.g. small integers)")
     for v in volumes:
         if not isinstance(v, xr.DataArray):
             raise GeometryError(f"run_local: expected Volumes (xarray.DataArray), got {type(v).__name__}")

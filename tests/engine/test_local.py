@@ -157,3 +157,5 @@ def test_kernel_shape_mismatch_and_bad_boundary():
         run_local(lambda b: b, vol, reach=1.0, boundary="bogus")
     with pytest.raises(ParameterError):
         run_local(lambda b: b, vol, reach=1.0, with_offset=True)
+    with pytest.raises(ParameterError, match="float32"):  # a float64 result would be cast, losing digits
+        run_local(lambda b: b.astype(np.float64) + 2e6 + 3.7, vol, reach=0.0, dtype=np.float64)
