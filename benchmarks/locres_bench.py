@@ -53,16 +53,10 @@ whole CLI process, quiet machine (load < 1), session 4::
   3.66 GB before). MonoRes before its steps were folded kept one ratio map
   per step until the end: 70 × 256 MB = 18 GB at 400³ (not run).
 
-Earlier run (shared 2-core machine, load average 8-12 during the run, so the
-wall times are 2-4x those of an idle machine)::
-
-      box tool                                     wall s  all-mask s  RMSE Å  bias Å      r rank
-      128 chunkem localfsc fast                      77.0        77.0   0.278  -0.092  0.878 ok
-      128 chunkem monores                           270.4       270.4   0.352   0.221  0.871 ok
-      128 TEMPy map_local_resolution                168.5      9450.1   0.332   0.246  0.915 ok
-      256 chunkem localfsc fast                     206.9       206.9   0.243  -0.078  0.910 ok
-      256 chunkem monores                           960.5       960.5   0.367   0.249  0.887 ok
-      256 TEMPy map_local_resolution                765.4     47950.6   0.316   0.265  0.960 ok
+Earlier run (session 2, load average 8-12, so 2-4x an idle machine's wall
+times; the same RMSE, bias and r as above): 128³ fast 77.0 s, MonoRes
+270.4 s, TEMPy 9450 s all-mask; 256³ fast 206.9 s, MonoRes 960.5 s, TEMPy
+47 951 s all-mask.
 
 Rerun at load 2.4 (``--sizes 128 --no-monores --exact-step 4``)::
 

@@ -23,10 +23,13 @@ from typing import Any
 
 import dask.config
 
+#: Codecs of zarr output (``chunkem.zarr-compression``, ``--zarr-compression``; see :func:`chunkem.io.zarr.write_zarr`).
+ZARR_COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
+
 DEFAULTS: dict[str, Any] = {
     # edge length (voxels) of chunks for maps read from disk / written to zarr
     "chunks": 128,
-    # codec of zarr output: "blosc-lz4" (byte-shuffled LZ4: fast) | "blosc-zstd" | "zstd" | "none"
+    # codec of zarr output, one of ZARR_COMPRESSIONS ("blosc-lz4": byte-shuffled LZ4, fast)
     "zarr-compression": "blosc-lz4",
     # memory (bytes) above which an FFT is done by slab decomposition rather
     # than by gathering the map into one chunk

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import ZARR_COMPRESSIONS
 from ..errors import OutputError
 
 
@@ -38,7 +39,7 @@ def add_compute_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit", default=None, help="memory per worker, e.g. 4GB")
     g.add_argument("--chunks", type=int, default=None, metavar="N",
                    help="chunk edge in voxels for reading/computing (default 128)")
-    g.add_argument("--zarr-compression", choices=["blosc-lz4", "blosc-zstd", "zstd", "none"], default=None,
+    g.add_argument("--zarr-compression", choices=ZARR_COMPRESSIONS, default=None,
                    help="codec of .zarr outputs (default blosc-lz4: fast; zstd: zarr's own default)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -99,8 +99,7 @@ def main(args: argparse.Namespace) -> int:
                 significance=args.significance, monores_filter=args.monores_filter, smoothing=args.smoothing,
                 fill=args.fill, strategy=args.fft_strategy,
             )
-            outputs = {r.cutoff: out} if r.cutoff is not None else {None: out}
-            outputs.update({c: _cutoff_output(out, c) for c in r.extra})
+            outputs = {r.cutoff: out, **{c: _cutoff_output(out, c) for c in r.extra}}  # MonoRes: {None: out}
             if r.extra:  # every cutoff's map from one pass through the bands
                 from .locspiral import save_all
 
@@ -108,8 +107,7 @@ def main(args: argparse.Namespace) -> int:
             else:
                 save(r.resolution, out, progress=not args.no_progress)
             # statistics and plots from the written maps (no second computation)
-            done = {c: (r.at_cutoff(c) if c is not None else r).with_resolution(open_map(p, chunks=args.chunks))
-                    for c, p in outputs.items()}
+            done = {c: r.at_cutoff(c).with_resolution(open_map(p, chunks=args.chunks)) for c, p in outputs.items()}
             first = next(iter(done))
             report = {"verb": "locres", "half1": args.half1, "half2": args.half2, "mask": args.mask,
                       "output": str(out), **done[first].to_dict(), "compute": session.to_dict()}

@@ -37,6 +37,9 @@ import dask.array as da
 import numpy as np
 import scipy.fft
 import xarray as xr
+from dask.base import tokenize
+from dask.core import flatten
+from dask.highlevelgraph import HighLevelGraph
 
 from .. import config
 from ..errors import GeometryError, ParameterError
@@ -63,6 +66,8 @@ __all__ = [
     "radial_profile",
     "choose_strategy",
     "slab_read_chunks",
+    "after",
+    "done",
     "worker_memory_limit",
 ]
 
@@ -802,6 +807,51 @@ def _aligned_data(spec: Spectrum, others: tuple[Spectrum, ...]) -> list:
             d = d.rechunk(ref.chunks)
         out.append(d)
     return out
+
+
+# --- ordering of lazy stages ------------------------------------------------------
+
+
+def _token_block(a: np.ndarray) -> np.ndarray:
+    return np.zeros((1,) * a.ndim, dtype=np.int8)
+
+
+def _join_tokens(*tokens: Any) -> np.ndarray:
+    return np.zeros((), dtype=np.int8)
+
+
+def done(arr: da.Array) -> da.Array:
+    """0-d dask array that exists once every block of ``arr`` is computed (one graph layer).
+
+    A tiny token per block (blocks stay where they are on a cluster), then
+    one task joining the tokens; no value of ``arr`` is reduced. Pass it to
+    :func:`after` to order a per-band (per-step) loop: the next band's FFTs
+    wait for this band's result, so one band's maps are in memory at a time,
+    and the band updates are not fused into one final task.
+    """
+    name = "done-" + tokenize(arr.name)
+    tname = "done-token-" + name[len("done-"):]
+    keys = list(flatten(arr.__dask_keys__()))
+    dsk: dict = {(tname, i): (_token_block, k) for i, k in enumerate(keys)}
+    dsk[(name,)] = (_join_tokens, *[(tname, i) for i in range(len(keys))])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arr])
+    return da.Array(graph, name, chunks=(), dtype=np.int8, meta=np.empty((), np.int8))
+
+
+def _passthrough(block: np.ndarray, dep: Any) -> np.ndarray:
+    return block
+
+
+def after(spec: Spectrum, dep: da.Array | None) -> Spectrum:
+    """``spec`` unchanged, but (lazily) computed only once the 0-d dask array ``dep`` exists (see :func:`done`).
+
+    Orders stages in any scheduler; a no-op for ``dep=None`` or an in-memory spectrum.
+    """
+    if dep is None or not isinstance(spec.data, da.Array):
+        return spec
+    data = da.blockwise(_passthrough, "zyx", spec.data, "zyx", dep, "", dtype=spec.data.dtype,
+                        meta=np.empty((0, 0, 0), spec.data.dtype))
+    return replace(spec, data=data)
 
 
 def apply(kernel: Callable[..., np.ndarray], spec: Spectrum, *others: Spectrum, with_index: bool = False,

@@ -51,6 +51,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from ..config import ZARR_COMPRESSIONS as COMPRESSIONS
 from ..errors import InputFileError, MapFormatError, OutputError, ParameterError
 from ..volume import DIMS, as_triple, make_volume, origin as vol_origin, validate_volume, voxel_size as vol_voxel_size
 from .maps import compute, prepare_output
@@ -148,10 +149,6 @@ def _abort(tmp: Path) -> None:
         finally:
             os.close(fd)
     shutil.rmtree(tmp, ignore_errors=True)
-
-
-
-COMPRESSIONS = ("blosc-lz4", "blosc-zstd", "zstd", "none")
 
 
 def _compressors(name: str | None) -> tuple:

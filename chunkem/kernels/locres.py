@@ -42,7 +42,7 @@ three Riesz components and the amplitude come from :mod:`chunkem.kernels.spiral`
 (``riesz_base``, ``riesz_component``, ``local_amplitude``);
 :func:`monores_step` folds the amplitude/threshold ratio of each step, from low
 to high resolution, into a running state with the two-failure freeze rule of
-Xmipp's MonoRes (:func:`monores_assign` on stacked steps).
+Xmipp's MonoRes.
 """
 
 from __future__ import annotations
@@ -82,7 +82,6 @@ __all__ = [
     "monores_state_init",
     "monores_step",
     "monores_state_resolution",
-    "monores_assign",
     "monores_postprocess",
     "interpolate_grid",
     "hann_band",
@@ -888,36 +887,6 @@ def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None, 
     if mask is not None:
         d = np.where(np.asarray(mask) > 0.5, d, np.nan)
     return d.astype(np.float32)
-
-
-def monores_assign(
-    *ratios: np.ndarray,
-    resolutions: Sequence[float],
-    max_fails: int = 2,
-    mask: np.ndarray | None = None,
-) -> np.ndarray:
-    """MonoRes scan of stacked steps: :func:`monores_step` folded over ``ratios``.
-
-    Parameters
-    ----------
-    ratios
-        Amplitude / noise threshold blocks, one per step.
-    resolutions
-        Resolution (Å) of each step, decreasing.
-    max_fails
-        Consecutive failures that freeze a voxel (Xmipp: 2).
-    mask
-        Optional block: voxels with ``mask <= 0.5`` get NaN.
-
-    Returns
-    -------
-    ndarray (float32)
-        Resolution in Å; NaN where no step passed.
-    """
-    state = monores_state_init(mask, np.shape(ratios[0]))
-    for k, r in enumerate(ratios):
-        state = monores_step(state, r, step=k, max_fails=max_fails)
-    return monores_state_resolution(state, resolutions=resolutions)
 
 
 def monores_postprocess(

@@ -208,7 +208,7 @@ class LocalResolutionResult:
         return ([self.cutoff] if self.cutoff is not None else []) + list(self.extra)
 
     def at_cutoff(self, cutoff: float) -> LocalResolutionResult:
-        """The result for one of the :attr:`cutoffs` (its map as ``resolution``, no ``extra``)."""
+        """The result for one of the :attr:`cutoffs` (its map as ``resolution``, no ``extra``); MonoRes: ``None``."""
         if cutoff == self.cutoff:
             return replace(self, extra={}) if self.extra else self
         if cutoff not in self.extra:
@@ -515,22 +515,9 @@ def _band_fsc_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box
     return K.local_fsc_band_fsc(h1, h2, state, box=box, edge_pad=pads, **kw)
 
 
-def _pass_first(x, gate):
-    return x
-
-
-def _gated(spec: spectral.Spectrum, gate) -> spectral.Spectrum:
-    """``spec`` unchanged, but (lazily) only once the dask array ``gate`` exists: orders the bands."""
-    if gate is None or not spec.is_lazy:
-        return spec
-    data = da.blockwise(_pass_first, "ijk", spec.data, "ijk", gate, "", dtype=spec.data.dtype,
-                        meta=np.empty((0, 0, 0), spec.data.dtype))
-    return replace(spec, data=data)
-
-
 def _band_map(spec, gate, *, lim, centre, sigma, chunks) -> xr.DataArray:
     """A half map band-passed around ``centre`` (from the window ``|k| <= lim``), computed after ``gate``."""
-    return spectral.irfft(spectral.apply(K.band_pass, _gated(spectral.window(spec, lim), gate), centre=centre,
+    return spectral.irfft(spectral.apply(K.band_pass, spectral.after(spectral.window(spec, lim), gate), centre=centre,
                                          sigma=sigma), chunks=chunks)
 
 
@@ -559,8 +546,7 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, strategy
         # at once on an idle thread); the second half's inverse waits for the first's (each uses every core).
         lim = K.band_limit(centre=float(c), sigma=sigma)
         b1 = _band_map(s1, gate, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
-        first_voxel = b1.data[0, 0, 0] if isinstance(b1.data, da.Array) else None
-        b2 = _band_map(s2, first_voxel, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
+        b2 = _band_map(s2, spectral.done(b1.data) if isinstance(b1.data, da.Array) else None, lim=lim, centre=float(c), sigma=sigma, chunks=chunks)
         # windowed sums with a zero halo (the window is truncated at the true map edge) where the lowest
         # cutoff's crossing is still open (blocks whose voxels have all crossed skip the band), folded into
         # each cutoff's running first crossing
@@ -570,7 +556,7 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, strategy
                             cutoff=co, name="crossing_state") for st, co in zip(states, cutoffs)]
         f_prev = float(c)
         if isinstance(states[lowest].data, da.Array):
-            gate = (states[lowest].data >= 0).any()  # depends on every block of the state (value not used)
+            gate = spectral.done(states[lowest].data)
     res = [run_local(K.crossing_state_resolution, st, reach=0.0, f_last=float(centres[-1]), best=best, worst=worst,
                      name="local_resolution") for st in states]
     return res, [float(c) for c in centres]
@@ -659,7 +645,7 @@ def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks
     components share ``FH / |k|`` (float32 kernels of
     :mod:`chunkem.kernels.spiral`).
     """
-    g = _gated(spec, gate)
+    g = spectral.after(spec, gate)
     if kind == "band":
         g = spectral.window(g, cut + width)
     fh = spectral.apply(K.monogenic_band, g, cut=cut, width=width, kind=kind)
@@ -734,8 +720,7 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
                   strategy=strategy)
         amp = _monogenic(spec_s, gate, **kw)
         if spec_n is not None:
-            first_voxel = amp.data[0, 0, 0] if isinstance(amp.data, da.Array) else None
-            amp_n = _monogenic(spec_n, first_voxel, **kw)
+            amp_n = _monogenic(spec_n, spectral.done(amp.data) if isinstance(amp.data, da.Array) else None, **kw)
             thr = _lazy_quantile(amp_n, None, significance)
         else:
             thr = _lazy_quantile(amp, noise_select, significance)
@@ -743,7 +728,7 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         ratio = like(h1, amp.data / thr32, name=f"ratio_{d:.3f}")
         state = run_local(K.monores_step, state, ratio, reach=0.0, step=k, name="monores_state")
         if isinstance(state.data, da.Array):
-            gate = (state.data >= 0).any()  # depends on every block of the state (its value is not used)
+            gate = spectral.done(state.data)
     vols = [state] + ([mask] if mask is not None else [])
     raw = run_local(_mono_final_block, *vols, reach=0.0, has_mask=mask is not None, resolutions=tuple(ds),
                     name="local_resolution")

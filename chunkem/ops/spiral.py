@@ -67,7 +67,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -395,19 +395,6 @@ def _set_quantile(m: da.Array, sel: da.Array, *, level: float, method: str, empt
     return da.Array(graph, name, chunks=(), dtype=np.float64, meta=np.empty((), np.float64))
 
 
-def _passthrough(block: np.ndarray, dep: Any) -> np.ndarray:
-    return block
-
-
-def _gate(spec: spectral.Spectrum, dep: da.Array | None) -> spectral.Spectrum:
-    """The spectrum, but made to depend on ``dep`` (orders the bands in any scheduler)."""
-    if dep is None or not isinstance(spec.data, da.Array):
-        return spec
-    data = da.blockwise(_passthrough, "zyx", spec.data, "zyx", dep, "", dtype=spec.data.dtype,
-                        meta=np.empty((0, 0, 0), spec.data.dtype))
-    return replace(spec, data=data)
-
-
 def _inner_chunks(shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Real-space chunks of the per-band arrays: whole (y, x) planes in z-slabs of <= 64 MB, >= 4 slabs.
 
@@ -437,7 +424,7 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
     core anyway).
     """
     # the band is zero (< 1e-9 of its peak) beyond its support: work on that window only
-    g = spectral.window(_gate(spec, dep), K.band_support(centre=float(bank.centres[j]), sigma=bank.sigma))
+    g = spectral.window(spectral.after(spec, dep), K.band_support(centre=float(bank.centres[j]), sigma=bank.sigma))
     fh = spectral.apply(K.band_filter, g, centre=float(bank.centres[j]), sigma=bank.sigma, dc_sigma=bank.dc_sigma,
                         scale=float(bank.scales[j]))
     c = _irfft_slabs(fh, chunks)
@@ -449,7 +436,7 @@ def _band(spec: spectral.Spectrum, bank: BandBank, j: int, dep: da.Array | None,
             qspec = spectral.apply(K.riesz_component, base, component=comp)
         else:
             qspec = spectral.apply(K.quadrature_filter, fh, component=comp)
-        r = _irfft_slabs(_gate(qspec, _done(sq)), chunks)
+        r = _irfft_slabs(spectral.after(qspec, spectral.done(sq)), chunks)
         last = i == len(comps) - 1
         sq = da.map_blocks(_add_square_sqrt_block if last else _add_square_block, sq, r, dtype=np.float32)
     return c, sq
@@ -488,31 +475,6 @@ def _add_square_sqrt_block(acc: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.sqrt(out, out=out)
 
 
-def _token_block(a: np.ndarray) -> np.ndarray:
-    return np.zeros((1,) * a.ndim, dtype=np.int8)
-
-
-def _done(acc: da.Array) -> da.Array:
-    """0-d array that exists once every block of ``acc`` is computed (one graph layer).
-
-    A tiny token per block (blocks stay where they are on a cluster), then
-    one task joining the tokens. Gating the next band on it orders the bands
-    and keeps the accumulator updates from being fused into one final task
-    (which would hold every band's amplitudes until the end).
-    """
-    name = "done-" + tokenize(acc.name)
-    tname = "done-token-" + name[len("done-"):]
-    keys = list(flatten(acc.__dask_keys__()))
-    dsk: dict = {(tname, i): (_token_block, k) for i, k in enumerate(keys)}
-    dsk[(name,)] = (_join_tokens, *[(tname, i) for i in range(len(keys))])
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[acc])
-    return da.Array(graph, name, chunks=(), dtype=np.int8, meta=np.empty((), np.int8))
-
-
-def _join_tokens(*tokens: Any) -> np.ndarray:
-    return np.zeros((), dtype=np.int8)
-
-
 #: Overlap band j's quantile and update with band j + 1's inverse FFTs (at most two bands in flight).
 OVERLAP_BANDS = True
 
@@ -529,7 +491,7 @@ def _next_gate(m: da.Array, prev_done: da.Array | None, acc_done: da.Array) -> t
     """
     if not OVERLAP_BANDS:
         return acc_done, acc_done
-    tok = _done(m)
+    tok = spectral.done(m)
     if prev_done is not None:
         tok = da.blockwise(_first, "", tok, "", prev_done, "", dtype=tok.dtype, meta=np.empty((), tok.dtype))
     return tok, acc_done
@@ -825,7 +787,7 @@ def _spiral_impl(vol, *, mask, mode, resolution_range, n_bands, band_sigma, band
             acc = _update(K.bsharpen_update, acc, (c, m), q, band=j, ref_band=ref_band,
                           snr_weighting=snr_weighting)
         noise.append(q)
-        dep, acc_done = _next_gate(m, acc_done, _done(acc))
+        dep, acc_done = _next_gate(m, acc_done, spectral.done(acc))
     M = _standardise(acc[0], sel, clip=True)
     W = _standardise(acc[1], sel, clip=False)
     vols, extra = _finish({"map": M, "quality": W}, dvol, lazy, {"noise": da.stack(noise)})
@@ -1034,7 +996,7 @@ def locbfactor(
         if probe_items:
             idx = tuple(np.array([p[ax] for _, p in probe_items]) for ax in range(3))
             samples.append(m.vindex[idx])
-        dep, acc_done = _next_gate(m, acc_done, _done(acc))
+        dep, acc_done = _next_gate(m, acc_done, spectral.done(acc))
     xc = x - x_mean
     x_sums = (float(xc.size), float(xc.sum()), float((xc * xc).sum()))
     sol = da.map_blocks(_guinier_solve_block, acc, x_mean=x_mean, min_points=2, x_sums=x_sums, dtype=np.float32,
@@ -1195,7 +1157,7 @@ def lococcupancy(
         q = _set_quantile(m, sel, level=threshold, method=quantile_method, empty_message=_EMPTY_MOL, minimum=0)
         acc = _update(K.occupancy_update, acc, (m,), q)
         qs.append(q)
-        dep, acc_done = _next_gate(m, acc_done, _done(acc))
+        dep, acc_done = _next_gate(m, acc_done, spectral.done(acc))
     occ = acc[0] / np.float32(bank.n_bands)
     vols, extra = _finish({"occupancy": occ}, dvol, lazy, {"quantiles": da.stack(qs)})
     params = {"op": "lococcupancy", "mask": mask_info, "resolution_range_A": [float(r) for r in resolution_range],

@@ -223,7 +223,16 @@ def test_monogenic_amplitude_of_a_plane_wave_is_its_amplitude():
     assert np.abs(off).max() < 1e-4
 
 
-def test_monores_assign_two_failure_rule():
+def _monores_scan(ratios, resolutions, mask=None):
+    """The op's fold: one :func:`monores_step` per step, in a float32 state (what a Volume holds)."""
+    state = K.monores_state_init(mask, np.shape(ratios[0]))
+    for k, r in enumerate(ratios):
+        state = K.monores_step(state, r, step=k).astype(np.float32)
+    assert state.dtype == np.float32
+    return K.monores_state_resolution(state, resolutions=resolutions)
+
+
+def test_monores_two_failure_rule():
     shape = (1, 1, 5)
     steps = np.array([
         # voxel: 0 pass all, 1 P P F P F F, 2 never, 3 P F F P, 4 P F P F P
@@ -236,7 +245,7 @@ def test_monores_assign_two_failure_rule():
     ], dtype=np.float32)
     ratios = [s.reshape(shape) for s in steps]
     res = [10.0, 8.0, 6.0, 5.0, 4.0, 3.0]
-    out = K.monores_assign(*ratios, resolutions=res).ravel()
+    out = _monores_scan(ratios, res).ravel()
     assert out[0] == 3.0  # passed every step
     assert out[1] == 5.0  # P P F P F F: frozen after two failures at the last pass (step 3)
     assert np.isnan(out[2])  # never passed
@@ -245,7 +254,7 @@ def test_monores_assign_two_failure_rule():
 
 
 def test_monores_fold_equals_a_plain_scan():
-    """The folded state (one float64 per voxel) gives what a plain per-voxel scan of the stacked steps gives."""
+    """The folded float32 state (step indices) gives exactly what a plain per-voxel scan of the steps gives."""
     rng = np.random.default_rng(5)
     n_steps, shape = 12, (3, 4, 50)
     ratios = [rng.uniform(0.6, 1.5, shape).astype(np.float32) for _ in range(n_steps)]
@@ -264,15 +273,10 @@ def test_monores_fold_equals_a_plain_scan():
                 ref[idx], fails = d, 0
             else:
                 fails += 1
-    out = K.monores_assign(*ratios, resolutions=res, mask=mask.astype(np.float32))
-    np.testing.assert_array_equal(out, ref.astype(np.float32))  # exact: the state holds step indices
-    state = K.monores_state_init(mask.astype(np.float32))
-    for k, r in enumerate(ratios):
-        state = K.monores_step(state, r, step=k).astype(np.float32)  # a Volume holds float32: nothing lost
-    assert state.dtype == np.float32
-    np.testing.assert_array_equal(K.monores_state_resolution(state, resolutions=res), out)
+    out = _monores_scan(ratios, res, mask=mask.astype(np.float32))
+    np.testing.assert_array_equal(out, ref.astype(np.float32))  # exact in float32: the state holds step indices
     with pytest.raises(ValueError, match="step"):
-        K.monores_step(state, ratios[0], step=K.MAX_MONORES_STEPS)
+        K.monores_step(K.monores_state_init(None, shape), ratios[0], step=K.MAX_MONORES_STEPS)
 
 
 def test_monores_postprocess_keeps_the_finer_value():

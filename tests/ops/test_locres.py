@@ -328,7 +328,7 @@ def test_several_cutoffs_in_one_run(small):
 
 
 def test_bad_inputs(small):
-    h1, h2, m = small.half1, small.half2, small.mask
+    h1, h2 = small.half1, small.half2
     other = make_volume(np.zeros((36, 37, 37)), voxel_size=1.4)
     with pytest.raises(GeometryError, match="shape"):
         local_resolution(h1, other, window=14.0)
