@@ -82,6 +82,7 @@ __all__ = [
     "monores_state_init",
     "monores_step",
     "monores_state_resolution",
+    "monores_noise_radius",
     "monores_postprocess",
     "interpolate_grid",
     "hann_band",
@@ -887,6 +888,68 @@ def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None, 
     if mask is not None:
         d = np.where(np.asarray(mask) > 0.5, d, np.nan)
     return d.astype(np.float32)
+
+
+def monores_noise_radius(
+    sample: np.ndarray,
+    mask: np.ndarray,
+    *,
+    stride: int,
+    shape: Sequence[int],
+    drop: float = 0.01,
+    min_count: int = 8,
+) -> float:
+    """Radius inside which a single map still holds noise: Xmipp MonoRes' "cliff" search.
+
+    Maps are often masked by a sphere (the particle diameter of the
+    refinement) smaller than the box; the zeros beyond it are no noise
+    sample. The variance of the map is taken in spherical shells about the
+    box centre (index ``n // 2`` per axis), one sample step wide, from the
+    protein radius (the farthest mask voxel) outwards; the first shell whose
+    variance falls below ``drop`` × the previous shell's marks the cliff.
+
+    Parameters
+    ----------
+    sample, mask
+        The map and the mask (``> 0.5`` inside) on the strided grid
+        ``[::stride, ::stride, ::stride]`` of the full map.
+    stride
+        Sampling step (voxels); shells are ``stride`` voxels wide.
+    shape
+        Shape of the full map.
+    drop
+        Variance ratio of consecutive shells that marks the cliff (Xmipp: 1 %).
+    min_count
+        Shells with fewer sample voxels are skipped.
+
+    Returns
+    -------
+    float
+        Radius in voxels of the full map: the inner edge of the cliff shell,
+        or ``min(shape) / 2`` (the box sphere) when there is no cliff.
+    """
+    stride = int(stride)
+    limit = min(shape) / 2.0
+    idx = [np.arange(k) * stride - n // 2 for k, n in zip(sample.shape, shape)]
+    r = np.sqrt(idx[0][:, None, None] ** 2 + idx[1][None, :, None] ** 2 + idx[2][None, None, :] ** 2)
+    inside = np.asarray(mask) > 0.5
+    if not inside.any():
+        return limit
+    shell = np.floor(r / stride).astype(np.int64).ravel()
+    v = np.asarray(sample, dtype=np.float64).ravel()
+    count = np.bincount(shell)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(shell, v) / count
+        var = np.bincount(shell, v * v) / count - mean**2
+    first = int(np.floor(r[inside].max() / stride)) + 1
+    prev = None
+    for j in range(first, min(int(np.floor(limit / stride)) + 1, count.size)):
+        if count[j] < min_count:
+            continue
+        if prev is not None and var[j] < drop * prev:
+            return float(min(j * stride, limit))
+        prev = var[j]
+    return limit
 
 
 def monores_postprocess(

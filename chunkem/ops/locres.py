@@ -91,7 +91,11 @@
     raised-cosine low-pass at ``f / smoothing``, compared with the
     ``significance`` quantile of the noise amplitude: with half maps the
     noise map ``(h1 - h2)/2`` over the whole box, with one map the voxels
-    outside the mask (inside the centred sphere). Resolutions are scanned
+    outside the mask inside the centred sphere, or inside the sphere where
+    the map falls flat if it was masked by a smaller one (Xmipp's "cliff":
+    the first shell beyond the mask whose variance drops below 1 % of the
+    previous shell's); a map flat everywhere outside the mask (masked
+    tightly) has no noise to compare with and is refused. Resolutions are scanned
     from ``max_resolution`` to Nyquist in ``resolution_step`` Å (steps in
     the same Fourier shell skipped); a voxel takes the last resolution that
     passed before two consecutive failures (Xmipp); the steps are folded one
@@ -626,14 +630,56 @@ def _lazy_quantile(vol: xr.DataArray, select, q: float, max_samples: int = 4_000
     return _quantile_np(data, sel, q)
 
 
-def _sphere_select(shape, lazy_like) -> Any:
-    """Voxels within N/2 of the array centre (index N//2), 00_conventions §3."""
-    r = min(shape) / 2.0
+def _sphere_select(shape, lazy_like, radius=None) -> Any:
+    """Voxels within ``radius`` voxels (default N/2) of the array centre (index N//2), 00_conventions §3.
+
+    ``radius`` may be a 0-d dask array (computed with the selection).
+    """
+    r = min(shape) / 2.0 if radius is None else radius
     if isinstance(lazy_like, da.Array):
         ax = [(da.arange(n, chunks=(c,)) - n // 2) ** 2 for n, c in zip(shape, lazy_like.chunks)]
     else:
         ax = [(np.arange(n) - n // 2) ** 2 for n in shape]
     return (ax[0][:, None, None] + ax[1][None, :, None] + ax[2][None, None, :]) <= r * r
+
+
+#: One map: its noise (outside the mask) must not be flatter than this fraction of its spread inside the mask.
+_FLAT_NOISE = 1e-3
+
+
+def _noise_radius_np(sample, mask, grown, *, stride, shape, label) -> np.float64:
+    """Cliff radius of a single map (voxels), after checking that its noise region holds noise."""
+    radius = K.monores_noise_radius(sample, mask, stride=stride, shape=shape)
+    idx = [(np.arange(k) * stride - n // 2) ** 2 for k, n in zip(np.shape(sample), shape)]
+    r2 = idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :]
+    v = np.asarray(sample, dtype=np.float64)
+    noise = v[(np.asarray(grown) <= 0.5) & (r2 <= radius * radius)]
+    signal = v[np.asarray(mask) > 0.5]
+    if noise.size == 0:
+        raise DataValueError(f"MonoRes with one map ({label}): no voxel outside the mask inside the box sphere "
+                             f"(radius {radius:.0f} voxels) to take the noise from; give half maps or a tighter mask")
+    if signal.size and noise.std() <= _FLAT_NOISE * signal.std():
+        raise DataValueError(
+            f"MonoRes with one map ({label}): the map is flat outside the mask (standard deviation "
+            f"{noise.std():.3g} there, {signal.std():.3g} inside): it looks masked, so there is no noise to compare "
+            "the signal with; give the two half maps or the unmasked map")
+    return np.float64(radius)
+
+
+def _noise_radius_block(sample, mask, grown, **kw):
+    return np.asarray(_noise_radius_np(sample, mask, grown, **kw))
+
+
+def _noise_radius(vol: xr.DataArray, mask: xr.DataArray, grown: xr.DataArray, max_samples: int = 4_000_000):
+    """Radius (voxels) of the sphere that holds a single map's noise (Xmipp's cliff), from a strided sample."""
+    shape = tuple(int(n) for n in vol.shape)
+    stride = max(1, int(math.ceil((int(np.prod(shape)) / max_samples) ** (1 / 3))))
+    sl = (slice(None, None, stride),) * 3
+    arrays = [v.data[sl] for v in (vol, mask, grown)]
+    kw = dict(stride=stride, shape=shape, label=vol.name or "map")  # (map_blocks takes `name` itself)
+    if any(isinstance(a, da.Array) for a in arrays):
+        return _gather_reduce(_noise_radius_block, *[da.asarray(a) for a in arrays], **kw)
+    return _noise_radius_np(*arrays, **kw)
 
 
 def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks, strategy):
@@ -700,10 +746,11 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
     else:
         spec_s = spectral.rfft(h1, strategy=strategy)
         spec_n = None
-        sphere = _sphere_select(shape, h1.data if lazy else None)
-        # noise: outside the mask grown by `noise_margin` Å (no signal tails), inside the centred sphere
+        # noise: outside the mask grown by `noise_margin` Å (no signal tails), inside the centred sphere, or
+        # inside the sphere where a masked map falls flat (Xmipp's cliff)
         grown = run_local(_dilate_block, mask, reach=noise_margin, radius=noise_margin, voxel_size=vs,
                           name="grown_mask")
+        sphere = _sphere_select(shape, h1.data if lazy else None, radius=_noise_radius(h1, mask, grown))
         noise_select = sphere & (grown.data <= 0.5)
     amin = min(vs)
     edge = 0.02 / amin  # Xmipp's raised-cosine edge: 0.02 cycles/voxel

@@ -279,6 +279,27 @@ def test_monores_fold_equals_a_plain_scan():
         K.monores_step(K.monores_state_init(None, shape), ratios[0], step=K.MAX_MONORES_STEPS)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_monores_noise_radius_finds_the_masking_sphere(stride):
+    """Noise masked by a sphere of radius R (soft or hard) about the box centre: the cliff is at R."""
+    n = 64
+    rng = np.random.default_rng(1)
+    noise = ndi.gaussian_filter(rng.standard_normal((n,) * 3), 1.0)
+    idx = np.indices((n,) * 3) - n // 2
+    r = np.sqrt((idx**2).sum(0))
+    mask = (r < 12).astype(np.float32)  # the protein: radius 12
+    sl = (slice(None, None, stride),) * 3
+    for radius, edge in [(22, 0), (22, 3), (27, 2)]:
+        w = np.clip((radius + edge - r) / edge, 0, 1) if edge else (r < radius).astype(float)
+        x = noise * w + 5 * mask
+        got = K.monores_noise_radius(x[sl], mask[sl], stride=stride, shape=x.shape)
+        assert radius - stride <= got <= radius + edge + stride, (radius, edge, got)
+    # unmasked noise: no cliff, the box sphere
+    assert K.monores_noise_radius(noise[sl], mask[sl], stride=stride, shape=noise.shape) == n / 2
+    # a sphere inside the protein is not a cliff of the noise region
+    assert K.monores_noise_radius((noise * (r < 10))[sl], mask[sl], stride=stride, shape=noise.shape) == n / 2
+
+
 def test_monores_postprocess_keeps_the_finer_value():
     rng = np.random.default_rng(5)
     raw = (4 + rng.random((16, 16, 16))).astype(np.float32)
