@@ -2,6 +2,8 @@
 
 * :func:`bench_cache` is a script's cache folder;
 * :func:`_venv` creates a venv (with an upgraded pip) once and returns its ``bin``;
+* :func:`setup_cctbx` is the python of a venv holding ``cctbx-base`` (installed on
+  first use; ``pip install cctbx`` fails on wxPython, see ``../shared/design/PEERS.md``);
 * :func:`timed` runs one command under ``/usr/bin/time -v`` and returns its
   wall time, peak RSS of the largest process and the peak RSS summed over the
   whole process tree.
@@ -40,6 +42,17 @@ def _venv(path: Path) -> Path:
         _run([PY, "-m", "venv", path])
         _run([path / "bin" / "python", "-m", "pip", "install", "-q", "--upgrade", "pip"])
     return path / "bin"
+
+
+def setup_cctbx(cache: Path) -> Path:
+    """The python of a venv holding cctbx-base (created and installed on first use)."""
+    bin_ = _venv(cache / "venv-cctbx")
+    probe = [bin_ / "python", "-c", "import cctbx.maptbx.auto_sharpen"]
+    try:
+        _run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except Exception:
+        _run([bin_ / "pip", "install", "-q", "cctbx-base"])
+    return bin_ / "python"
 
 
 # --------------------------------------------------------------------------- timing

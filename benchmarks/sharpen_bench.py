@@ -109,7 +109,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,7 +116,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import PY, _run, _venv, bench_cache, timed  # noqa: E402
+from _peers import PY, bench_cache, setup_cctbx, timed  # noqa: E402
 
 RES = 3.2
 B_ATOMS = 30.0
@@ -125,17 +124,6 @@ B_ATOMS = 30.0
 
 def _cache() -> Path:
     return bench_cache("sharpen")
-
-
-def setup_cctbx(cache: Path) -> Path:
-    """The python of a venv holding cctbx-base (created and installed on first use)."""
-    bin_ = _venv(cache / "venv-cctbx")
-    probe = [bin_ / "python", "-c", "import cctbx.maptbx.auto_sharpen"]
-    try:
-        _run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except Exception:
-        _run([bin_ / "pip", "install", "-q", "cctbx-base"])
-    return bin_ / "python"
 
 
 def build_case(size: int, blurs: list[float], n_residues: int) -> Path:
