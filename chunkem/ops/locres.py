@@ -83,7 +83,13 @@
     **Map edges.** Within half a window of the box edge the fast mode
     truncates the window (the map counts as zero outside), the exact mode
     wraps around (the box is periodic, as in its FFTs); the two differ
-    there. Masks normally keep the analysis away from the edge.
+    there. Masks normally keep the analysis away from the edge. An exact
+    mode that truncates its windows at the faces as the fast one does
+    (taper times the in-box indicator, mean over the in-box voxels) agrees
+    with the fast mode less, not more (NPC, the 3 345 voxels within half a
+    window of a face: 66.4 % against 74.5 %; it reads coarser there, median
+    7.94 against 7.79 Å): the truncated window holds fewer voxels and its
+    FSC is noisier.
 
 ``method="monores"`` (one map or half maps)
     Monogenic amplitude (the map filtered around frequency ``f`` and its
