@@ -80,12 +80,18 @@ Session 4 (quiet machine, load 1.1-1.4; before peak memory was measured)::
 whole CLI process, quiet machine (load < 1), session 4::
 
       local FSC fast                   55.2 s wall  66.6 s CPU  3.69 GB  RMSE 0.243 Å
-      local FSC fast, 0.143 and 0.5    50.0 s wall  66.1 s CPU  5.70 GB  (both maps held until written)
+      local FSC fast, 0.143 and 0.5    50.0 s wall  66.1 s CPU  5.70 GB  (3.73 GB since session 5, below)
       MonoRes (70 steps)              563.8 s wall 794.4 s CPU  4.40 GB  RMSE 0.275 Å
       MonoRes, float32 kernels        403.3 s wall 573.6 s CPU  4.28 GB  RMSE 0.275 Å
 
   The fast map is identical before and after the per-cutoff fold (56.3 s,
-  3.66 GB before). MonoRes before its steps were folded kept one ratio map
+  3.66 GB before). Two cutoffs, session 5 (CPU steal about 50 %): the 5.5 GB
+  were not the two maps held for writing (a one-pass streaming writer saved
+  0.1 GB: 5.59 -> 5.49 GB) but the 0.5 cutoff's running state lagging
+  behind the band gate, which waited for the 0.143 state only, so every
+  band's local FSC map stayed in memory until the lagging chain caught up.
+  Gating each band on every cutoff's state: 53.5 -> 52.3 s, 5.59 ->
+  **3.73 GB** (as one cutoff), the same maps (max difference 0.0). MonoRes before its steps were folded kept one ratio map
   per step until the end: 70 × 256 MB = 18 GB at 400³ (not run).
 
 Earlier run (session 2, load average 8-12, so 2-4x an idle machine's wall

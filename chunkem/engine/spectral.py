@@ -820,21 +820,23 @@ def _join_tokens(*tokens: Any) -> np.ndarray:
     return np.zeros((), dtype=np.int8)
 
 
-def done(arr: da.Array) -> da.Array:
-    """0-d dask array that exists once every block of ``arr`` is computed (one graph layer).
+def done(*arrs: da.Array) -> da.Array:
+    """0-d dask array that exists once every block of each of ``arrs`` is computed (one graph layer).
 
     A tiny token per block (blocks stay where they are on a cluster), then
-    one task joining the tokens; no value of ``arr`` is reduced. Pass it to
+    one task joining the tokens; no value is reduced. Pass it to
     :func:`after` to order a per-band (per-step) loop: the next band's FFTs
-    wait for this band's result, so one band's maps are in memory at a time,
-    and the band updates are not fused into one final task.
+    wait for this band's results (every one of them: a result left out
+    could lag behind, holding each band's inputs until it catches up), so
+    one band's maps are in memory at a time, and the band updates are not
+    fused into one final task.
     """
-    name = "done-" + tokenize(arr.name)
+    name = "done-" + tokenize(*[a.name for a in arrs])
     tname = "done-token-" + name[len("done-"):]
-    keys = list(flatten(arr.__dask_keys__()))
+    keys = [k for a in arrs for k in flatten(a.__dask_keys__())]
     dsk: dict = {(tname, i): (_token_block, k) for i, k in enumerate(keys)}
     dsk[(name,)] = (_join_tokens, *[(tname, i) for i in range(len(keys))])
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[arr])
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=list(arrs))
     return da.Array(graph, name, chunks=(), dtype=np.int8, meta=np.empty((), np.int8))
 
 

@@ -566,7 +566,7 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, strategy
                             cutoff=co, name="crossing_state") for st, co in zip(states, cutoffs)]
         f_prev = float(c)
         if isinstance(states[lowest].data, da.Array):
-            gate = spectral.done(states[lowest].data)
+            gate = spectral.done(*[st.data for st in states])  # every cutoff's state: none lags behind
     res = [run_local(K.crossing_state_resolution, st, reach=0.0, f_last=float(centres[-1]), best=best, worst=worst,
                      name="local_resolution") for st in states]
     return res, [float(c) for c in centres]

@@ -200,6 +200,32 @@ def test_lazy_apis_do_not_compute():
             sp.crop(spec, (10, 10, 10))
 
 
+def test_after_waits_for_every_array_given_to_done():
+    """A spectrum gated by ``done(a, b)`` is computed only after every block of ``a`` and of ``b`` (the
+    per-band loops gate on all their running states, so that none lags behind holding its inputs)."""
+    events: list[str] = []
+
+    def rec(tag):
+        def f(block):
+            events.append(tag)
+            return block
+
+        return f
+
+    base = da.ones((8, 8, 8), chunks=4, dtype=np.float32)
+    a = base.map_blocks(rec("a"), dtype=np.float32)
+    b = (base * 2).map_blocks(rec("b"), dtype=np.float32)
+    spec = sp.rfft(make_volume(da.zeros((8, 8, 8), chunks=4, dtype=np.float32), voxel_size=1.0))
+    gated = sp.after(spec, sp.done(a, b))
+    out = gated.data.map_blocks(rec("g"), dtype=gated.data.dtype)
+    events.clear()  # (map_blocks may call the functions on empty arrays to infer meta)
+    with dask.config.set(scheduler="sync"):
+        out.compute()
+    assert events.count("a") == 8 and events.count("b") == 8 and "g" in events
+    assert max(i for i, e in enumerate(events) if e in "ab") < events.index("g")
+    assert sp.after(spec, None) is spec
+
+
 def test_slab_graph_for_2048_cubed_under_1e5_tasks():
     v = make_volume(da.zeros((2048, 2048, 2048), chunks=256, dtype=np.float32), voxel_size=1.0)
     out = sp.fourier_filter(v, lambda F, **k: F, strategy="slab")
