@@ -2,6 +2,7 @@
 
 * :func:`bench_cache` is a script's cache folder;
 * :func:`_venv` creates a venv (with an upgraded pip) once and returns its ``bin``;
+* :func:`peer_python` is the python of a peer's venv, installed on first use;
 * :func:`setup_cctbx` is the python of a venv holding ``cctbx-base`` (installed on
   first use; ``pip install cctbx`` fails on wxPython, see ``../shared/design/PEERS.md``);
 * :func:`timed` runs one command under ``/usr/bin/time -v`` and returns its
@@ -44,15 +45,21 @@ def _venv(path: Path) -> Path:
     return path / "bin"
 
 
+def peer_python(venv: Path, probe: str, *installs: list[str]) -> Path:
+    """The python of ``venv`` (created on first use) once ``import probe`` works there: else each ``pip
+    install`` argument list of ``installs`` is run in turn."""
+    bin_ = _venv(venv)
+    try:
+        _run([bin_ / "python", "-c", f"import {probe}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except Exception:
+        for args in installs:
+            _run([bin_ / "pip", "install", "-q", *args])
+    return bin_ / "python"
+
+
 def setup_cctbx(cache: Path) -> Path:
     """The python of a venv holding cctbx-base (created and installed on first use)."""
-    bin_ = _venv(cache / "venv-cctbx")
-    probe = [bin_ / "python", "-c", "import cctbx.maptbx.auto_sharpen"]
-    try:
-        _run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except Exception:
-        _run([bin_ / "pip", "install", "-q", "cctbx-base"])
-    return bin_ / "python"
+    return peer_python(cache / "venv-cctbx", "cctbx.maptbx.auto_sharpen", ["cctbx-base"])
 
 
 # --------------------------------------------------------------------------- timing

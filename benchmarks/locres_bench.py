@@ -130,7 +130,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -139,7 +138,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _peers import PY, _run, _venv, bench_cache, setup_cctbx, timed  # noqa: E402
+from _peers import PY, bench_cache, peer_python, setup_cctbx, timed  # noqa: E402
 
 TEMPY_SCRIPT = r"""
 import json, sys, time
@@ -180,15 +179,9 @@ m.write_map(out)
 
 def setup_tempy(cache: Path) -> Path:
     """The python of a venv holding TEMPy (``biotempy``; its pins do not build on 3.11, so no-deps)."""
-    bin_ = _venv(cache / "venv-tempy")
-    probe = [bin_ / "python", "-c", "import TEMPy.protein.scoring_functions"]
-    try:
-        _run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    except Exception:
-        _run([bin_ / "pip", "install", "-q", "numpy", "scipy", "biopython", "gemmi", "voxcov", "mrcfile", "pyfftw",
-              "matplotlib"])
-        _run([bin_ / "pip", "install", "-q", "--no-deps", "biotempy"])
-    return bin_ / "python"
+    return peer_python(cache / "venv-tempy", "TEMPy.protein.scoring_functions",
+                       ["numpy", "scipy", "biopython", "gemmi", "voxcov", "mrcfile", "pyfftw", "matplotlib"],
+                       ["--no-deps", "biotempy"])
 
 
 def _timed(cmd: list, work: Path, label: str) -> dict:
