@@ -63,7 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "progress-minimum": 1.0,
     # timeout for connecting to a scheduler given by address
     "connect-timeout": "20s",
-    # dashboard address for an embedded LocalCluster (None = no dashboard, e.g. ":8787")
+    # dashboard address (e.g. ":8787") of an embedded LocalCluster (None = no dashboard) and of a SLURM
+    # cluster's scheduler (None = a free port, unless the cluster config's scheduler_options give one)
     "dashboard": None,
 }
 

@@ -249,6 +249,11 @@ def slurm_cluster(
                 "(see deploy/slurm/chunkem-slurm.yaml)"
             )
     kwargs.setdefault("silence_logs", "error")
+    # the dashboard as for the local cluster: the configured address, else no fixed port (several sessions may
+    # share a login node)
+    options = dict(kwargs.get("scheduler_options") or {})
+    options.setdefault("dashboard_address", config.get("dashboard", None) or ":0")
+    kwargs["scheduler_options"] = options
     cluster = SLURMCluster(**kwargs)
     if scale:
         cluster.scale(jobs=int(jobs or 1))

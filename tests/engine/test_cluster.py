@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import dask
 import numpy as np
@@ -77,7 +78,7 @@ def test_existing_client_is_reused_and_left_open():
     from distributed import Client, LocalCluster
 
     a, lp = _lowpass_pair()
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as lc, Client(lc) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as lc, Client(lc) as c:
         with cl.compute_session() as s:
             assert s.kind == "existing" and s.client is c
             (out,) = cl.compute(lp, progress=False)
@@ -138,9 +139,12 @@ SLURM_YAML = textwrap.dedent(
 def test_slurm_job_script_has_configured_resources(tmp_path):
     cfg = tmp_path / "slurm.yaml"
     cfg.write_text(SLURM_YAML)
-    c = cl.slurm_cluster(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Port 8787 is already in use": the dashboard has no fixed port
+        c = cl.slurm_cluster(cfg)
     try:
         script = c.job_script()
+        assert c.scheduler_spec["options"]["dashboard_address"] == ":0"
     finally:
         c.close()
     assert "#SBATCH -p gpu" in script
