@@ -83,6 +83,7 @@ __all__ = [
     "monores_step",
     "monores_state_resolution",
     "monores_noise_radius",
+    "noise_falloff",
     "monores_postprocess",
     "interpolate_grid",
     "hann_band",
@@ -950,6 +951,61 @@ def monores_noise_radius(
             return float(min(j * stride, limit))
         prev = var[j]
     return limit
+
+
+def noise_falloff(
+    sample: np.ndarray,
+    select: np.ndarray,
+    *,
+    stride: int,
+    shape: Sequence[int],
+    min_count: int = 8,
+) -> tuple[float, float, float]:
+    """How much a map's variance falls across its noise region, from the inside out.
+
+    Noise of a reconstruction is about stationary; a map multiplied by a soft
+    mask (deposited maps often are) has noise that fades towards the box
+    edge, and a single-map noise threshold taken there is too low.
+
+    Parameters
+    ----------
+    sample, select
+        The map and the noise voxels (bool) on the strided grid
+        ``[::stride, ::stride, ::stride]`` of the full map.
+    stride
+        Sampling step (voxels); shells about the box centre (index ``n // 2``)
+        are ``stride`` voxels wide.
+    shape
+        Shape of the full map.
+    min_count
+        Shells with fewer noise voxels are skipped.
+
+    Returns
+    -------
+    (ratio, r_inner, r_outer)
+        Mean variance of the inner third of the noise shells over that of
+        the outer third, and the radii (voxels) of the innermost and outermost
+        shells; ``(1.0, r, r)`` with fewer than three shells.
+    """
+    stride = int(stride)
+    idx = [np.arange(k) * stride - n // 2 for k, n in zip(sample.shape, shape)]
+    r = np.sqrt(idx[0][:, None, None] ** 2 + idx[1][None, :, None] ** 2 + idx[2][None, None, :] ** 2)
+    sel = np.asarray(select, dtype=bool)
+    shell = np.floor(r[sel] / stride).astype(np.int64)
+    if shell.size == 0:
+        return 1.0, 0.0, 0.0
+    v = np.asarray(sample, dtype=np.float64)[sel]
+    count = np.bincount(shell)
+    used = np.flatnonzero(count >= min_count)
+    if used.size < 3:
+        return 1.0, float(shell.min() * stride), float(shell.max() * stride)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(shell, v)[used] / count[used]
+        var = np.bincount(shell, v * v)[used] / count[used] - mean**2
+    k = used.size // 3
+    outer = float(var[-k:].mean())
+    ratio = float(var[:k].mean() / outer) if outer > 0 else float("inf")
+    return ratio, float(used[0] * stride), float(used[-1] * stride)
 
 
 def monores_postprocess(

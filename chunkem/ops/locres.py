@@ -101,7 +101,10 @@
     the map falls flat if it was masked by a smaller one (Xmipp's "cliff":
     the first shell beyond the mask whose variance drops below 1 % of the
     previous shell's); a map flat everywhere outside the mask (masked
-    tightly) has no noise to compare with and is refused. Resolutions are scanned
+    tightly) has no noise to compare with and is refused, and one whose
+    noise variance fades more than 10-fold across the noise region (a
+    soft-masked map, as many deposited maps are) gets a warning: its
+    threshold is too low and it reads too fine. Resolutions are scanned
     from ``max_resolution`` to Nyquist in ``resolution_step`` Å (steps in
     the same Fourier shell skipped); a voxel takes the last resolution that
     passed before two consecutive failures (Xmipp); the steps are folded one
@@ -651,6 +654,9 @@ def _sphere_select(shape, lazy_like, radius=None) -> Any:
 
 #: One map: its noise (outside the mask) must not be flatter than this fraction of its spread inside the mask.
 _FLAT_NOISE = 1e-3
+#: ... and a noise variance falling more than this from the inner to the outer third of the noise shells is
+#: a soft-masked map (a deposited map: 162; unmasked phantom 0.9, a phantom in a soft mask 4.7, betaGal 2.7).
+_NOISE_FALLOFF = 10.0
 
 
 def _noise_radius_np(sample, mask, grown, *, stride, shape, label) -> np.float64:
@@ -669,6 +675,13 @@ def _noise_radius_np(sample, mask, grown, *, stride, shape, label) -> np.float64
             f"MonoRes with one map ({label}): the map is flat outside the mask (standard deviation "
             f"{noise.std():.3g} there, {signal.std():.3g} inside): it looks masked, so there is no noise to compare "
             "the signal with; give the two half maps or the unmasked map")
+    fall, r0, r1 = K.noise_falloff(v, (np.asarray(grown) <= 0.5) & (r2 <= radius * radius), stride=stride,
+                                   shape=shape)
+    if fall > _NOISE_FALLOFF:
+        warnings.warn(
+            f"MonoRes with one map ({label}): outside the mask its variance falls {fall:.0f}-fold from radius "
+            f"{r0:.0f} to {r1:.0f} voxels: the map looks multiplied by a soft mask, so the noise threshold is too "
+            "low and the map reads too fine; give the two half maps or the unmasked map", stacklevel=2)
     return np.float64(radius)
 
 

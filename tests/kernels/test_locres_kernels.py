@@ -300,6 +300,21 @@ def test_monores_noise_radius_finds_the_masking_sphere(stride):
     assert K.monores_noise_radius((noise * (r < 10))[sl], mask[sl], stride=stride, shape=noise.shape) == n / 2
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_noise_falloff_flat_noise_vs_soft_masked_noise(stride):
+    n = 64
+    noise = np.random.default_rng(2).standard_normal((n,) * 3)
+    r = np.sqrt(((np.indices((n,) * 3) - n // 2) ** 2).sum(0))
+    select = (r > 12) & (r <= n / 2)
+    sl = (slice(None, None, stride),) * 3
+    flat, r0, r1 = K.noise_falloff(noise[sl], select[sl], stride=stride, shape=noise.shape)
+    assert 0.8 < flat < 1.25 and r0 <= 13 + stride and r1 >= 31 - stride
+    soft = noise * np.exp(-((r / 14.0) ** 2))  # a Gaussian fall-off: variance ~ exp(-2 r²/14²)
+    fall, _, _ = K.noise_falloff(soft[sl], select[sl], stride=stride, shape=noise.shape)
+    assert fall > 100
+    assert K.noise_falloff(noise[sl], (r < 3)[sl], stride=stride, shape=noise.shape)[0] == 1.0  # < 3 shells
+
+
 def test_monores_postprocess_keeps_the_finer_value():
     rng = np.random.default_rng(5)
     raw = (4 + rng.random((16, 16, 16))).astype(np.float32)

@@ -160,6 +160,21 @@ def test_monores_single_map_in_a_masked_box():
         local_resolution(tight, method="monores", mask=ph.mask)
 
 
+def test_monores_one_map_warns_on_a_soft_masked_map(shared_data):
+    """EMD-3488 as deposited: multiplied by a soft mask (its variance falls 162-fold across the noise region),
+    so a single-map noise threshold means little: MonoRes says so, in a lazy run when it is computed. An
+    unmasked phantom does not warn."""
+    from chunkem.io import open_map
+
+    hb = open_map(shared_data / "emd3488_haemoglobin" / "emd_3488.mrc")  # lazy
+    with pytest.warns(UserWarning, match=r"emd_3488.*falls \d+-fold.*soft mask"):
+        local_resolution(hb, method="monores", max_resolution=6.0).resolution.values
+    ph = make_phantom(box=48, n_residues=40, voxel_size=1.2, resolution=4.0, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local_resolution(ph.half1, method="monores", mask=ph.mask, max_resolution=8.0)
+
+
 # --------------------------------------------------------------------------- real half maps
 
 
