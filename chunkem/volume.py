@@ -189,12 +189,22 @@ def validate_volume(
 
 
 def like(template: xr.DataArray, data: Any, *, name: str | None = None, keep_header: bool = True) -> xr.DataArray:
-    """A Volume with ``template``'s geometry holding ``data`` (same shape)."""
+    """A Volume with ``template``'s geometry holding ``data`` (same shape), new values computed from it.
+
+    ``keep_header`` keeps the file conventions of ``template``'s header (axis
+    order, labels, origin fields) for writing, but not an integer data mode:
+    computed values are written as float32 directly. (Writing tries the
+    source's integer mode first only for data read or moved unchanged;
+    trying it on computed values would run their whole computation twice,
+    once to find a value that does not fit and once more in float32.)
+    """
     if tuple(np.shape(data)) != tuple(template.shape):
         raise GeometryError(
             f"data shape {tuple(np.shape(data))} does not match {template.name or 'template'} {tuple(template.shape)}"
         )
     header = template.attrs.get("header") if keep_header else None
+    if header and header.get("mode") not in (None, 2):
+        header = {**header, "mode": 2, "dtype": "float32"}
     return make_volume(
         data,
         voxel_size=voxel_size(template),

@@ -70,6 +70,37 @@ def test_like_keeps_geometry_and_header():
         like(vol, np.ones((3, 4, 4)))
 
 
+def test_computed_values_from_an_int16_map_are_computed_once_and_written_float32(tmp_path):
+    """A result computed from an int16 MRC keeps the file's conventions but not its integer mode: it is
+    written as float32 in one pass (trying int16 first ran the whole computation twice). Data read and
+    written unchanged keep int16."""
+    import mrcfile
+
+    from chunkem.engine.local import run_local
+    from chunkem.io import open_map, read_mrc_header, save
+
+    src = tmp_path / "tomo.mrc"
+    with mrcfile.new(str(src)) as m:
+        m.set_data(np.arange(18 * 20 * 22, dtype=np.int16).reshape(18, 20, 22) % 97)
+        m.voxel_size = 10.0
+    vol = open_map(src, chunks=10)
+    assert vol.attrs["header"]["mode"] == 1
+    calls: list = []
+
+    def halve(block):
+        calls.append(block.shape)
+        return block / 2
+
+    out = run_local(halve, vol, reach=0.0)
+    assert out.attrs["header"]["mode"] == 2 and out.attrs["header"]["labels"] == vol.attrs["header"]["labels"]
+    save(out, tmp_path / "half.mrc", progress=False)
+    assert len(calls) == vol.data.npartitions  # one pass
+    assert read_mrc_header(tmp_path / "half.mrc").mode == 2
+    np.testing.assert_array_equal(open_map(tmp_path / "half.mrc").values, vol.values / 2)
+    save(vol, tmp_path / "copy.mrc", progress=False)  # unchanged values: the source's mode
+    assert read_mrc_header(tmp_path / "copy.mrc").mode == 1
+
+
 def test_check_aligned_names_the_mismatch():
     a = make_volume(np.zeros((4, 4, 4)), voxel_size=1.0, name="half1.mrc")
     b = make_volume(np.zeros((4, 4, 5)), voxel_size=1.0, name="half2.mrc")

@@ -613,11 +613,23 @@ def _quantile_block(values, select=None, *, q):
     return np.asarray(_quantile_np(values, select, q))
 
 
-def _median_block(values, select):
+#: MonoRes: fewer analysed voxels than this fraction passing any step is worth a warning (they take the median).
+_MIN_ASSIGNED = 0.5
+
+
+def _median_block(values, select, inside=None, *, coarsest):
     v = np.asarray(values)[np.asarray(select, dtype=bool)]
     if v.size == 0:
         raise DataValueError("MonoRes: no voxel passed any resolution step (no signal above the noise threshold)")
-    return np.asarray(np.float64(np.median(v)))
+    med = np.float64(np.median(v))
+    n_in = int(np.count_nonzero(inside)) if inside is not None else int(np.size(values))
+    if v.size < _MIN_ASSIGNED * n_in:
+        warnings.warn(
+            f"MonoRes: only {100 * v.size / n_in:.1f} % of the {n_in} voxels analysed passed any resolution step "
+            f"(from {coarsest:g} Å on, their signal stayed below the noise threshold); the others take the median, "
+            f"{med:.2f} Å. Check the mask and the noise (with one map the voxels outside the mask must be noise "
+            "only), or raise max_resolution", stacklevel=2)
+    return np.asarray(med)
 
 
 def _gather_reduce(func, *arrays, **kw):
@@ -801,13 +813,15 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
     # unassigned voxels and the outside take the median of the assigned ones
     rdata = raw.data
     assigned = rdata == rdata
+    inside = [] if mask is None else [mask.data > 0.5]
     if mask is not None:
-        assigned = assigned & (mask.data > 0.5)
+        assigned = assigned & inside[0]
     if isinstance(rdata, da.Array):
-        med = _gather_reduce(_median_block, rdata, da.asarray(assigned))
+        med = _gather_reduce(_median_block, rdata, da.asarray(assigned), *[da.asarray(a) for a in inside],
+                             coarsest=ds[0])
         filled = da.where(assigned, rdata, med.astype(np.float32))
     else:
-        med = _median_block(rdata, assigned)
+        med = _median_block(rdata, assigned, *inside, coarsest=ds[0])
         filled = np.where(assigned, rdata, np.float32(med))
     filled_v = like(h1, filled, name="local_resolution")
     pvols = [filled_v] + ([mask] if mask is not None else [])
