@@ -30,6 +30,7 @@ __all__ = [
     "make_volume",
     "validate_volume",
     "like",
+    "computed_header",
     "voxel_size",
     "origin",
     "check_aligned",
@@ -188,6 +189,16 @@ def validate_volume(
     return vol
 
 
+def computed_header(header: dict | None) -> dict | None:
+    """The header for values computed from a map with ``header``: the same, with float32 for an integer mode.
+
+    See :func:`like`.
+    """
+    if header and header.get("mode") not in (None, 2):
+        return {**header, "mode": 2, "dtype": "float32"}
+    return header
+
+
 def like(template: xr.DataArray, data: Any, *, name: str | None = None, keep_header: bool = True) -> xr.DataArray:
     """A Volume with ``template``'s geometry holding ``data`` (same shape), new values computed from it.
 
@@ -202,9 +213,7 @@ def like(template: xr.DataArray, data: Any, *, name: str | None = None, keep_hea
         raise GeometryError(
             f"data shape {tuple(np.shape(data))} does not match {template.name or 'template'} {tuple(template.shape)}"
         )
-    header = template.attrs.get("header") if keep_header else None
-    if header and header.get("mode") not in (None, 2):
-        header = {**header, "mode": 2, "dtype": "float32"}
+    header = computed_header(template.attrs.get("header")) if keep_header else None
     return make_volume(
         data,
         voxel_size=voxel_size(template),

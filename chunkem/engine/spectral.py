@@ -43,7 +43,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from .. import config
 from ..errors import GeometryError, ParameterError
-from ..volume import as_triple, like, make_volume, origin, voxel_size
+from ..volume import as_triple, computed_header, like, make_volume, origin, voxel_size
 from .chunks import auto_chunks, slab_depth
 from .cluster import worker_info
 
@@ -669,7 +669,7 @@ def irfft(spec: Spectrum, *, chunks=None, name: str | None = None, strategy: str
     windowed = spec.embed is not None
     if tuple(spec.data.shape) != (mz, my, mxh):
         raise GeometryError(f"irfft: spectrum shape {tuple(spec.data.shape)} does not match real shape {wshape}")
-    header = spec.attrs.get("header")
+    header = computed_header(spec.attrs.get("header"))  # new values: float32, not the source's integer mode
     out_name = name if name is not None else spec.name
     vs = spec.real_voxel_size
     x = spec.data

@@ -54,6 +54,10 @@ Round-trip rules (MRC → Volume → MRC keeps data and geometry exact):
   every value is exactly representable in it (always true for data read from
   that file); otherwise float32 (mode 2). Volumes without an MRC header are
   written in mode 2. ``mode=`` forces a mode (values must be exact).
+  Volumes computed from a map (:func:`chunkem.volume.like`, inverse FFTs)
+  carry mode 2 in their header (:func:`chunkem.volume.computed_header`):
+  trying the integer mode on computed values would run the computation
+  twice.
 * **Axis order**: the original MAPC/MAPR/MAPS order is written back
   (``axis_order="keep"``, the default), so the file holds the same bytes in
   the same layout; ``axis_order="zyx"`` writes 1, 2, 3. Either way the data

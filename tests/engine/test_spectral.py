@@ -226,6 +226,18 @@ def test_after_waits_for_every_array_given_to_done():
     assert sp.after(spec, None) is spec
 
 
+@pytest.mark.parametrize("strategy", ["gather", "slab"])
+def test_irfft_result_is_float32_not_the_sources_integer_mode(strategy):
+    """New values from an int16 map's spectrum: the header keeps its conventions, but mode 2 (float32), so that
+    writing does not try int16 first and compute everything twice (see volume.like)."""
+    h = {"format": "mrc", "mode": 1, "dtype": "int16", "labels": ["a tomogram"], "mapcrs": [2, 1, 3]}
+    v = make_volume(da.ones((12, 12, 12), chunks=6, dtype=np.float32), voxel_size=2.0, header=h)
+    out = sp.irfft(sp.rfft(v, strategy=strategy), strategy=strategy)
+    assert out.attrs["header"]["mode"] == 2 and out.attrs["header"]["dtype"] == "float32"
+    assert out.attrs["header"]["labels"] == ["a tomogram"] and out.attrs["header"]["mapcrs"] == [2, 1, 3]
+    assert v.attrs["header"]["mode"] == 1  # the source is unchanged
+
+
 def test_slab_graph_for_2048_cubed_under_1e5_tasks():
     v = make_volume(da.zeros((2048, 2048, 2048), chunks=256, dtype=np.float32), voxel_size=1.0)
     out = sp.fourier_filter(v, lambda F, **k: F, strategy="slab")
