@@ -36,7 +36,7 @@ from dask.delayed import Delayed
 import numpy as np
 
 from ..errors import GeometryError, ParameterError
-from ..volume import as_triple, validate_volume
+from ..volume import as_triple, computed_header, validate_volume
 from ..volume import origin as vol_origin
 from ..volume import voxel_size as vol_voxel_size
 from .chunks import auto_chunks
@@ -137,7 +137,7 @@ def grid_like(like: Any, chunks: Any = None) -> TileGrid:
     lazy = isinstance(like.data, da.Array)
     out_chunks = chunks if chunks is not None else (like.data.chunks if lazy else auto_chunks(shape))
     return TileGrid(shape, vol_voxel_size(like), vol_origin(like), normalize_chunks(out_chunks, shape),  # type: ignore[arg-type]
-                    lazy, like.attrs.get("header"))
+                    lazy, computed_header(like.attrs.get("header")))  # rendered values: float32
 
 
 class PackedAtoms:
