@@ -129,6 +129,13 @@ def main(args: argparse.Namespace) -> int:
         print(f"local resolution in mask: median {st['median_A']:.2f} Å, quartiles {st['q25_A']:.2f}-"
               f"{st['q75_A']:.2f} Å ({st['n_voxels']} voxels)"
               + (f"; window {r.window:.1f} Å" if r.window else ""))
+        fine, coarse = r.limits
+        for key, what, why in [("at_best_fraction", f"fine limit {fine:.2f} Å", "the voxel size (Nyquist) or "
+                                "--best, not the data, limits them"),
+                               ("at_worst_fraction", f"coarse limit {coarse:.2f} Å", "the window or --worst / "
+                                "--max-resolution, not the data, limits them")]:
+            if st.get(key, 0.0) >= 0.25:
+                print(f"note: {100 * st[key]:.0f} % of the mask voxels are at the {what}: {why}")
     for c in r.extra:
         st_c = report["other_cutoffs"][f"{c:g}"]["statistics"]
         if st_c.get("n_voxels"):

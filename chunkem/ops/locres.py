@@ -243,7 +243,8 @@ class LocalResolutionResult:
         return np.asarray(res_np)[np.asarray(sel_np)].astype(np.float64)
 
     def statistics(self) -> dict[str, Any]:
-        """Median, quartiles, 5/95 % and mean (Å) inside the mask (computes once)."""
+        """Median, quartiles, 5/95 % and mean (Å) inside the mask, and the fractions at the fine (``best``) and
+        coarse (``worst``) clamps (computes once)."""
         if self._stats is None:
             v = self.values_in_mask()
             if v.size == 0:
@@ -260,8 +261,19 @@ class LocalResolutionResult:
                     "mean_A": float(v.mean()),
                     "min_A": float(v.min()),
                     "max_A": float(v.max()),
+                    # at the clamps: limited by the voxel size / data limit, or by the window / scan start
+                    "at_best_fraction": float(np.mean(v <= self.limits[0] * (1 + 1e-5))),
+                    "at_worst_fraction": float(np.mean(v >= self.limits[1] * (1 - 1e-5))),
                 }
         return dict(self._stats)
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        """(fine, coarse) limits of the values in Å: ``best`` and ``worst`` (MonoRes: the finest and the coarsest
+        resolution scanned, within them)."""
+        if self.method == "monores" and self.frequencies:
+            return (max(self.best, min(self.frequencies)), min(self.worst, max(self.frequencies)))
+        return (self.best, self.worst)
 
     @property
     def median(self) -> float:

@@ -25,7 +25,7 @@ def files(tmp_path_factory):
     return ph, d, paths
 
 
-def test_locres_cli_matches_library(files):
+def test_locres_cli_matches_library(files, capsys):
     ph, d, p = files
     out = d / "res.mrc"
     rc = main(["locres", str(p["half1"]), str(p["half2"]), "--mask", str(p["mask"]), "--window", "14",
@@ -47,6 +47,13 @@ def test_locres_cli_matches_library(files):
     assert rep["method"] == "localfsc" and rep["mode"] == "fast" and rep["window_A"] == 14.0
     png = (d / "res.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert rep["statistics"]["at_best_fraction"] == pytest.approx(np.mean(vals <= ref.best * (1 + 1e-5)), abs=1e-6)
+    assert "note:" not in capsys.readouterr().out  # 16 % at the fine limit: no note
+    # a fine limit of 4 Å puts 68 % of the voxels there: noted on the console, counted in the JSON
+    assert main(["locres", str(p["half1"]), str(p["half2"]), "--mask", str(p["mask"]), "--window", "14",
+                 "--best", "4", "-o", str(d / "capped.mrc"), "--no-progress"]) == 0
+    assert "note: 68 % of the mask voxels are at the fine limit 4.00 Å" in capsys.readouterr().out
+    assert json.loads((d / "capped.json").read_text())["statistics"]["at_best_fraction"] > 0.6
 
 
 def test_locres_cli_several_cutoffs(files):
@@ -64,6 +71,8 @@ def test_locres_cli_several_cutoffs(files):
     assert other["output"].endswith("multi_fsc0.5.mrc")
     assert other["statistics"]["median_A"] == pytest.approx(ref.at_cutoff(0.5).median, rel=1e-4)
     assert other["statistics"]["median_A"] > rep["statistics"]["median_A"]
+    v = ref.at_cutoff(0.5).values_in_mask()
+    assert other["statistics"]["at_worst_fraction"] == pytest.approx(np.mean(v >= 14.0 * (1 - 1e-5)), abs=1e-6)
     assert (d / "multi_fsc0.5.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -88,6 +88,14 @@ def test_fast_local_fsc_matches_phantom_truth(phantom, fast_result):
     assert st["n_voxels"] == int(m.sum())
     assert st["q25_A"] < st["median_A"] < st["q75_A"]
     assert st["median_A"] == pytest.approx(np.median(r.resolution.values[m]), rel=1e-6)
+    v = r.resolution.values[m]
+    assert st["at_best_fraction"] == pytest.approx(np.mean(v <= r.best * 1.00001))
+    # a fine limit inside the truth's range (2.2-4.1 Å): the voxels finer than it pile up there, and say so
+    capped = local_resolution(phantom.half1, phantom.half2, mask=phantom.mask, window=r.window, best=3.2)
+    vc = capped.resolution.values[m]
+    assert vc.min() == pytest.approx(3.2, abs=1e-4)
+    assert capped.statistics()["at_best_fraction"] == pytest.approx(np.mean(v <= 3.2), abs=0.05)
+    assert capped.statistics()["at_best_fraction"] > 0.2 and capped.limits == (3.2, r.worst)
 
 
 def test_exact_local_fsc_matches_truth_and_fast(phantom, fast_result):
@@ -124,6 +132,8 @@ def test_monores_values_are_the_scanned_resolutions(small):
     ds = np.asarray(r.frequencies)
     on_grid = np.min(np.abs(v[:, None] - ds[None, :]), axis=1) < 1e-4
     assert on_grid.mean() > 0.3, on_grid.mean()  # 0.49 (the rest is the post-smoothing's finer value)
+    assert r.limits == (pytest.approx(ds.min()), pytest.approx(9.13))  # the finest and coarsest scanned
+    assert r.statistics()["at_best_fraction"] == pytest.approx(np.mean(v <= ds.min() * 1.00001))
 
 
 def test_monores_single_map_ranks_regions(phantom):
