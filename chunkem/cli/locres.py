@@ -7,11 +7,14 @@ interpolated). --mode fast (default) uses band-passed half maps and windowed
 sums (cost grows with the number of shells); --mode exact does one windowed
 FFT per voxel like blocres (slow; --step N computes every N voxels and
 interpolates). --method monores uses the monogenic amplitude against the
-noise (half maps: (h1-h2)/2; one map: outside the mask).
+noise (half maps: (h1-h2)/2; one map: outside the mask, within the sphere
+where a masked map still holds noise; a map flat outside the mask is refused,
+one whose noise fades towards the edge gets a warning).
 
 Writes OUT (resolution in Å on the input grid, FILL outside the mask;
 .mrc or .zarr), OUT.json (parameters, median and quartiles inside the
-mask) and OUT.png (histogram and central slices coloured by resolution).
+mask, fractions at the fine and coarse limits) and OUT.png (histogram and
+central slices coloured by resolution).
 
 Examples
 --------
