@@ -34,6 +34,7 @@ __all__ = [
     "voxel_size",
     "origin",
     "check_aligned",
+    "check_independent",
     "as_triple",
     "is_lazy",
 ]
@@ -221,6 +222,21 @@ def like(template: xr.DataArray, data: Any, *, name: str | None = None, keep_hea
         name=name if name is not None else template.name,
         header=header,
     )
+
+
+def check_independent(half1: xr.DataArray, half2: xr.DataArray, *, names: Sequence[str] = ("half1", "half2")) -> None:
+    """Raise :class:`DataValueError` when two half maps were read from the same file.
+
+    Passing one file twice is a classic slip: the FSC is then 1 at every
+    frequency and every resolution reads as Nyquist. Only the files are
+    compared (``attrs["header"]["source"]``); in-memory Volumes are not.
+    """
+    import os
+
+    src = [((v.attrs.get("header") or {}).get("source")) for v in (half1, half2)]
+    if src[0] and src[1] and os.path.realpath(str(src[0])) == os.path.realpath(str(src[1])):
+        raise DataValueError(f"{names[0]} and {names[1]} are the same file ({src[0]}): give the two independent "
+                             "half maps")
 
 
 def check_aligned(*vols: xr.DataArray, names: Sequence[str] | None = None, tol: float = 1e-4) -> None:

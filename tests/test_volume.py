@@ -101,6 +101,28 @@ def test_computed_values_from_an_int16_map_are_computed_once_and_written_float32
     assert read_mrc_header(tmp_path / "copy.mrc").mode == 1
 
 
+def test_check_independent_refuses_one_file_twice(tmp_path):
+    from chunkem.io import open_map, save
+    from chunkem.ops.fsc import fsc
+    from chunkem.ops.locres import local_resolution
+    from chunkem.volume import check_independent
+
+    rng = np.random.default_rng(3)
+    a = save(make_volume(rng.normal(size=(16, 16, 16)), voxel_size=1.0), tmp_path / "a.mrc")
+    b = save(make_volume(rng.normal(size=(16, 16, 16)), voxel_size=1.0), tmp_path / "b.mrc")
+    (tmp_path / "link.mrc").symlink_to(a)
+    check_independent(open_map(a), open_map(b))
+    mem = make_volume(rng.normal(size=(16, 16, 16)), voxel_size=1.0)
+    check_independent(mem, mem)  # in memory: not compared
+    for other in (a, tmp_path / "link.mrc"):
+        with pytest.raises(DataValueError, match="half1 and half2 are the same file"):
+            check_independent(open_map(a), open_map(other))
+    with pytest.raises(DataValueError, match="same file"):
+        fsc(open_map(a), open_map(a))
+    with pytest.raises(DataValueError, match="same file"):
+        local_resolution(open_map(a), open_map(tmp_path / "link.mrc"), window=8.0)
+
+
 def test_check_aligned_names_the_mismatch():
     a = make_volume(np.zeros((4, 4, 4)), voxel_size=1.0, name="half1.mrc")
     b = make_volume(np.zeros((4, 4, 5)), voxel_size=1.0, name="half2.mrc")

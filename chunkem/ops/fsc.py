@@ -28,7 +28,7 @@ import xarray as xr
 from ..engine import spectral
 from ..errors import DataValueError, ParameterError
 from ..kernels import fsc as K
-from ..volume import check_aligned, like, validate_volume, voxel_size
+from ..volume import check_aligned, check_independent, like, validate_volume, voxel_size
 
 __all__ = ["FSCResult", "fsc", "demo_stage"]
 
@@ -326,6 +326,7 @@ def fsc(
     validate_volume(half1, source="half1")
     validate_volume(half2, source="half2")
     check_aligned(half1, half2, names=["half1", "half2"])
+    check_independent(half1, half2)
     if mask is not None:
         validate_volume(mask, source="mask")
         check_aligned(half1, mask, names=["half1", "mask"])

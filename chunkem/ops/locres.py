@@ -145,7 +145,7 @@ from ..engine.local import run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locres as K
 from ..kernels import spiral as KS
-from ..volume import check_aligned, like, validate_volume, voxel_size
+from ..volume import check_aligned, check_independent, like, validate_volume, voxel_size
 
 __all__ = [
     "LocalResolutionResult",
@@ -368,6 +368,7 @@ def _check_inputs(half1, half2, mask) -> None:
     vols, names = [half1], ["half1"]
     if half2 is not None:
         validate_volume(half2, source="half2")
+        check_independent(half1, half2)
         vols.append(half2)
         names.append("half2")
     if mask is not None:

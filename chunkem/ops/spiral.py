@@ -84,7 +84,7 @@ from ..engine import spectral
 from ..engine.local import run_local
 from ..errors import GeometryError, ParameterError
 from ..kernels import spiral as K
-from ..volume import check_aligned, like, origin, validate_volume, voxel_size
+from ..volume import check_aligned, check_independent, like, origin, validate_volume, voxel_size
 
 __all__ = [
     "DEFAULT_BAND_SIGMA",
@@ -572,6 +572,7 @@ def _split_average(vol: xr.DataArray | Sequence[xr.DataArray]) -> xr.DataArray:
     if len(vols) != 2:
         raise ParameterError(f"give one map or two half maps, got {len(vols)}")
     check_aligned(*vols, names=["half map 1", "half map 2"])
+    check_independent(*vols, names=["half map 1", "half map 2"])
     return like(vols[0], (vols[0].data + vols[1].data) / 2, name="average")
 
 
