@@ -96,15 +96,15 @@
     three Riesz components, ``A = sqrt(g² + Σ R_j g²)``), smoothed by a
     raised-cosine low-pass at ``f / smoothing``, compared with the
     ``significance`` quantile of the noise amplitude: with half maps the
-    noise map ``(h1 - h2)/2`` over the whole box, with one map the voxels
-    outside the mask inside the centred sphere, or inside the sphere where
-    the map falls flat if it was masked by a smaller one (Xmipp's "cliff":
-    the first shell beyond the mask whose variance drops below 1 % of the
-    previous shell's); a map flat everywhere outside the mask (masked
-    tightly) has no noise to compare with and is refused, and one whose
-    noise variance fades more than 10-fold across the noise region (a
-    soft-masked map, as many deposited maps are) gets a warning: its
-    threshold is too low and it reads too fine. Resolutions are scanned
+    noise map ``(h1 - h2)/2`` inside the centred sphere, with one map the
+    voxels outside the mask inside it; the sphere stops where the map falls
+    flat if it was masked by a smaller one (Xmipp's "cliff": the first
+    shell beyond the mask whose variance drops below 1 % of the previous
+    shell's). Identical half maps are refused, and so is one map flat
+    everywhere outside the mask (masked tightly: no noise to compare
+    with); noise whose variance fades more than 10-fold across the noise
+    region (soft-masked maps, as many deposited maps are) gets a warning:
+    the threshold is too low and the map reads too fine. Resolutions are scanned
     from ``max_resolution`` to Nyquist in ``resolution_step`` Å (steps in
     the same Fourier shell skipped); a voxel takes the last resolution that
     passed before two consecutive failures (Xmipp); the steps are folded one
@@ -684,46 +684,60 @@ _FLAT_NOISE = 1e-3
 _NOISE_FALLOFF = 10.0
 
 
-def _noise_radius_np(sample, mask, grown, *, stride, shape, label) -> np.float64:
-    """Cliff radius of a single map (voxels), after checking that its noise region holds noise."""
-    radius = K.monores_noise_radius(sample, mask, stride=stride, shape=shape)
-    idx = [(np.arange(k) * stride - n // 2) ** 2 for k, n in zip(np.shape(sample), shape)]
-    r2 = idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :]
+def _noise_radius_np(sample, mask, other, *, stride, shape, label, halves) -> np.float64:
+    """Radius (voxels) of the sphere that holds the noise (Xmipp's cliff of ``sample``), after checking the noise.
+
+    One map: the noise is ``sample`` outside ``other`` (the grown mask); half
+    maps: ``sample`` is their mean and ``other`` their half difference, the
+    noise everywhere in the sphere. ``mask`` None: no protein radius (no cliff).
+    """
     v = np.asarray(sample, dtype=np.float64)
-    noise = v[(np.asarray(grown) <= 0.5) & (r2 <= radius * radius)]
-    signal = v[np.asarray(mask) > 0.5]
+    inside_mask = np.ones(v.shape, bool) if mask is None else np.asarray(mask) > 0.5
+    radius = K.monores_noise_radius(v, inside_mask, stride=stride, shape=shape)
+    idx = [(np.arange(k) * stride - n // 2) ** 2 for k, n in zip(v.shape, shape)]
+    sphere = idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :] <= radius * radius
+    if halves:
+        nv, nsel, what = np.asarray(other, dtype=np.float64), sphere, "MonoRes with half maps"
+    else:
+        nv, nsel, what = v, sphere & (np.asarray(other) <= 0.5), "MonoRes with one map"
+    noise, signal = nv[nsel], v[inside_mask]
     if noise.size == 0:
-        raise DataValueError(f"MonoRes with one map ({label}): no voxel outside the mask inside the box sphere "
+        raise DataValueError(f"{what} ({label}): no voxel outside the mask inside the box sphere "
                              f"(radius {radius:.0f} voxels) to take the noise from; give half maps or a tighter mask")
     if signal.size and noise.std() <= _FLAT_NOISE * signal.std():
+        if halves:
+            raise DataValueError(
+                f"{what} ({label}): the two half maps are the same (the standard deviation of their difference is "
+                f"{noise.std():.3g}, of their mean {signal.std():.3g}): give two independent half maps")
         raise DataValueError(
-            f"MonoRes with one map ({label}): the map is flat outside the mask (standard deviation "
+            f"{what} ({label}): the map is flat outside the mask (standard deviation "
             f"{noise.std():.3g} there, {signal.std():.3g} inside): it looks masked, so there is no noise to compare "
             "the signal with; give the two half maps or the unmasked map")
-    fall, r0, r1 = K.noise_falloff(v, (np.asarray(grown) <= 0.5) & (r2 <= radius * radius), stride=stride,
-                                   shape=shape)
+    fall, r0, r1 = K.noise_falloff(nv, nsel, stride=stride, shape=shape)
     if fall > _NOISE_FALLOFF:
         warnings.warn(
-            f"MonoRes with one map ({label}): outside the mask its variance falls {fall:.0f}-fold from radius "
-            f"{r0:.0f} to {r1:.0f} voxels: the map looks multiplied by a soft mask, so the noise threshold is too "
-            "low and the map reads too fine; give the two half maps or the unmasked map", stacklevel=2)
+            f"{what} ({label}): the noise variance falls {fall:.0f}-fold from radius {r0:.0f} to {r1:.0f} voxels: "
+            f"the map{'s look' if halves else ' looks'} multiplied by a soft mask, so the noise threshold is too low "
+            "and the map reads too fine; give unmasked maps", stacklevel=2)
     return np.float64(radius)
 
 
-def _noise_radius_block(sample, mask, grown, **kw):
-    return np.asarray(_noise_radius_np(sample, mask, grown, **kw))
+def _noise_radius_block(sample, other, mask=None, **kw):
+    return np.asarray(_noise_radius_np(sample, mask, other, **kw))
 
 
-def _noise_radius(vol: xr.DataArray, mask: xr.DataArray, grown: xr.DataArray, max_samples: int = 4_000_000):
-    """Radius (voxels) of the sphere that holds a single map's noise (Xmipp's cliff), from a strided sample."""
+def _noise_radius(vol: xr.DataArray, mask: xr.DataArray | None, other: xr.DataArray, *, halves: bool,
+                  label: str | None = None, max_samples: int = 4_000_000):
+    """Radius (voxels) of the sphere that holds the noise (Xmipp's cliff), from a strided sample (see
+    :func:`_noise_radius_np`)."""
     shape = tuple(int(n) for n in vol.shape)
     stride = max(1, int(math.ceil((int(np.prod(shape)) / max_samples) ** (1 / 3))))
     sl = (slice(None, None, stride),) * 3
-    arrays = [v.data[sl] for v in (vol, mask, grown)]
-    kw = dict(stride=stride, shape=shape, label=vol.name or "map")  # (map_blocks takes `name` itself)
+    arrays = [v.data[sl] for v in (vol, other) + ((mask,) if mask is not None else ())]
+    kw = dict(stride=stride, shape=shape, label=label or vol.name or "map", halves=halves)  # (not `name`: map_blocks')
     if any(isinstance(a, da.Array) for a in arrays):
         return _gather_reduce(_noise_radius_block, *[da.asarray(a) for a in arrays], **kw)
-    return _noise_radius_np(*arrays, **kw)
+    return _noise_radius_block(*arrays, **kw).item()
 
 
 def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks, strategy):
@@ -786,7 +800,10 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         noi = like(h1, (h1.data - h2.data) * np.float32(0.5), name="noise")
         spec_s = spectral.rfft(sig, strategy=strategy)
         spec_n = spectral.rfft(noi, strategy=strategy)
-        noise_select = None
+        # noise: the half difference inside the centred sphere, or inside the sphere where masked half maps fall
+        # flat (Xmipp's cliff)
+        noise_select = _sphere_select(shape, h1.data if lazy else None,
+                                      radius=_noise_radius(sig, mask, noi, halves=True, label=h1.name))
     else:
         spec_s = spectral.rfft(h1, strategy=strategy)
         spec_n = None
@@ -794,7 +811,7 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         # inside the sphere where a masked map falls flat (Xmipp's cliff)
         grown = run_local(_dilate_block, mask, reach=noise_margin, radius=noise_margin, voxel_size=vs,
                           name="grown_mask")
-        sphere = _sphere_select(shape, h1.data if lazy else None, radius=_noise_radius(h1, mask, grown))
+        sphere = _sphere_select(shape, h1.data if lazy else None, radius=_noise_radius(h1, mask, grown, halves=False))
         noise_select = sphere & (grown.data <= 0.5)
     amin = min(vs)
     edge = 0.02 / amin  # Xmipp's raised-cosine edge: 0.02 cycles/voxel
@@ -812,7 +829,7 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
         amp = _monogenic(spec_s, gate, **kw)
         if spec_n is not None:
             amp_n = _monogenic(spec_n, spectral.done(amp.data) if isinstance(amp.data, da.Array) else None, **kw)
-            thr = _lazy_quantile(amp_n, None, significance)
+            thr = _lazy_quantile(amp_n, noise_select, significance)
         else:
             thr = _lazy_quantile(amp, noise_select, significance)
         thr32 = thr.astype(np.float32) if isinstance(thr, da.Array) else np.float32(thr)  # float32 ratio maps

@@ -170,6 +170,21 @@ def test_monores_single_map_in_a_masked_box():
         local_resolution(tight, method="monores", mask=ph.mask)
 
 
+def test_monores_half_maps_in_a_masked_box():
+    """Half maps masked by a sphere of 26 voxels: their difference is zero beyond it, which is not noise either
+    (Xmipp excludes what lies beyond the cliff in both modes). Measured: 98 % of the mask voxels within one
+    0.25 Å step of the unmasked halves' map (91 % when the zeros count). Identical halves are refused."""
+    ph = make_phantom(box=64, n_residues=80, voxel_size=1.1, resolution=3.5, b_range=(20.0, 200.0), seed=0)
+    m = ph.mask.values > 0.5
+    r = np.sqrt(((np.indices(m.shape) - 32) ** 2).sum(0))
+    base = local_resolution(ph.half1, ph.half2, method="monores", mask=ph.mask).resolution.values[m]
+    boxed = [make_volume((h.values * (r < 26)).astype(np.float32), voxel_size=1.1) for h in (ph.half1, ph.half2)]
+    e = local_resolution(*boxed, method="monores", mask=ph.mask).resolution.values[m]
+    assert (np.abs(e - base) <= 0.2501).mean() > 0.95
+    with pytest.raises(DataValueError, match="the two half maps are the same"):
+        local_resolution(ph.half1, ph.half1.copy(), method="monores", mask=ph.mask)
+
+
 def test_monores_one_map_warns_on_a_soft_masked_map(shared_data):
     """EMD-3488 as deposited: multiplied by a soft mask (its variance falls 162-fold across the noise region),
     so a single-map noise threshold means little: MonoRes says so, in a lazy run when it is computed. An
