@@ -82,6 +82,7 @@ __all__ = [
     "monores_state_init",
     "monores_step",
     "monores_state_resolution",
+    "sample_radius",
     "monores_noise_radius",
     "noise_falloff",
     "monores_postprocess",
@@ -891,6 +892,13 @@ def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None, 
     return d.astype(np.float32)
 
 
+def sample_radius(sample_shape: Sequence[int], *, stride: int, shape: Sequence[int]) -> np.ndarray:
+    """Distance (voxels of the full map) of each point of the strided grid ``[::stride]*3`` of a map of
+    ``shape`` from the box centre (index ``n // 2`` per axis)."""
+    idx = [(np.arange(k) * int(stride) - n // 2) ** 2 for k, n in zip(sample_shape, shape)]
+    return np.sqrt(idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :])
+
+
 def monores_noise_radius(
     sample: np.ndarray,
     mask: np.ndarray,
@@ -931,8 +939,7 @@ def monores_noise_radius(
     """
     stride = int(stride)
     limit = min(shape) / 2.0
-    idx = [np.arange(k) * stride - n // 2 for k, n in zip(sample.shape, shape)]
-    r = np.sqrt(idx[0][:, None, None] ** 2 + idx[1][None, :, None] ** 2 + idx[2][None, None, :] ** 2)
+    r = sample_radius(sample.shape, stride=stride, shape=shape)
     inside = np.asarray(mask) > 0.5
     if not inside.any():
         return limit
@@ -988,8 +995,7 @@ def noise_falloff(
         shells; ``(1.0, r, r)`` with fewer than three shells.
     """
     stride = int(stride)
-    idx = [np.arange(k) * stride - n // 2 for k, n in zip(sample.shape, shape)]
-    r = np.sqrt(idx[0][:, None, None] ** 2 + idx[1][None, :, None] ** 2 + idx[2][None, None, :] ** 2)
+    r = sample_radius(sample.shape, stride=stride, shape=shape)
     sel = np.asarray(select, dtype=bool)
     shell = np.floor(r[sel] / stride).astype(np.int64)
     if shell.size == 0:

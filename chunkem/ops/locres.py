@@ -694,8 +694,7 @@ def _noise_radius_np(sample, mask, other, *, stride, shape, label, halves) -> np
     v = np.asarray(sample, dtype=np.float64)
     inside_mask = np.ones(v.shape, bool) if mask is None else np.asarray(mask) > 0.5
     radius = K.monores_noise_radius(v, inside_mask, stride=stride, shape=shape)
-    idx = [(np.arange(k) * stride - n // 2) ** 2 for k, n in zip(v.shape, shape)]
-    sphere = idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :] <= radius * radius
+    sphere = K.sample_radius(v.shape, stride=stride, shape=shape) <= radius
     if halves:
         nv, nsel, what = np.asarray(other, dtype=np.float64), sphere, "MonoRes with half maps"
     else:
