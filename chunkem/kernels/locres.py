@@ -899,6 +899,21 @@ def sample_radius(sample_shape: Sequence[int], *, stride: int, shape: Sequence[i
     return np.sqrt(idx[0][:, None, None] + idx[1][None, :, None] + idx[2][None, None, :])
 
 
+def _shell_variance(sample: np.ndarray, select: np.ndarray, *, stride: int,
+                    shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(count, variance) of ``sample[select]`` per spherical shell ``floor(r / stride)`` about the box centre
+    (:func:`sample_radius`); variance NaN in empty shells."""
+    r = sample_radius(np.shape(sample), stride=stride, shape=shape)
+    sel = np.asarray(select, dtype=bool)
+    shell = np.floor(r[sel] / int(stride)).astype(np.int64)
+    v = np.asarray(sample, dtype=np.float64)[sel]
+    count = np.bincount(shell)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.bincount(shell, v) / count
+        var = np.bincount(shell, v * v) / count - mean**2
+    return count, var
+
+
 def monores_noise_radius(
     sample: np.ndarray,
     mask: np.ndarray,
@@ -939,16 +954,11 @@ def monores_noise_radius(
     """
     stride = int(stride)
     limit = min(shape) / 2.0
-    r = sample_radius(sample.shape, stride=stride, shape=shape)
     inside = np.asarray(mask) > 0.5
     if not inside.any():
         return limit
-    shell = np.floor(r / stride).astype(np.int64).ravel()
-    v = np.asarray(sample, dtype=np.float64).ravel()
-    count = np.bincount(shell)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.bincount(shell, v) / count
-        var = np.bincount(shell, v * v) / count - mean**2
+    count, var = _shell_variance(sample, np.ones(np.shape(sample), bool), stride=stride, shape=shape)
+    r = sample_radius(np.shape(sample), stride=stride, shape=shape)
     first = int(np.floor(r[inside].max() / stride)) + 1
     prev = None
     for j in range(first, min(int(np.floor(limit / stride)) + 1, count.size)):
@@ -995,19 +1005,14 @@ def noise_falloff(
         shells; ``(1.0, r, r)`` with fewer than three shells.
     """
     stride = int(stride)
-    r = sample_radius(sample.shape, stride=stride, shape=shape)
-    sel = np.asarray(select, dtype=bool)
-    shell = np.floor(r[sel] / stride).astype(np.int64)
-    if shell.size == 0:
+    if not np.any(select):
         return 1.0, 0.0, 0.0
-    v = np.asarray(sample, dtype=np.float64)[sel]
-    count = np.bincount(shell)
+    count, var = _shell_variance(sample, select, stride=stride, shape=shape)
+    nonempty = np.flatnonzero(count)
     used = np.flatnonzero(count >= min_count)
     if used.size < 3:
-        return 1.0, float(shell.min() * stride), float(shell.max() * stride)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.bincount(shell, v)[used] / count[used]
-        var = np.bincount(shell, v * v)[used] / count[used] - mean**2
+        return 1.0, float(nonempty[0] * stride), float(nonempty[-1] * stride)
+    var = var[used]
     k = used.size // 3
     outer = float(var[-k:].mean())
     ratio = float(var[:k].mean() / outer) if outer > 0 else float("inf")

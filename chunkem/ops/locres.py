@@ -133,6 +133,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -630,18 +631,21 @@ def _quantile_block(values, select=None, *, q):
 _MIN_ASSIGNED = 0.5
 
 
-def _median_block(values, select, inside=None, *, coarsest):
-    v = np.asarray(values)[np.asarray(select, dtype=bool)]
+def _median_block(state, *, resolutions):
+    """Median resolution (Å) of the voxels that passed a step, from a folded MonoRes state (analysed voxels
+    are those ``>= 0``); warns when fewer than half of the analysed voxels passed any step."""
+    d = K.monores_state_resolution(state, resolutions=resolutions)
+    v = d[np.isfinite(d)]
     if v.size == 0:
         raise DataValueError("MonoRes: no voxel passed any resolution step (no signal above the noise threshold)")
     med = np.float64(np.median(v))
-    n_in = int(np.count_nonzero(inside)) if inside is not None else int(np.size(values))
+    n_in = int(np.count_nonzero(np.asarray(state) >= 0))
     if v.size < _MIN_ASSIGNED * n_in:
         warnings.warn(
             f"MonoRes: only {100 * v.size / n_in:.1f} % of the {n_in} voxels analysed passed any resolution step "
-            f"(from {coarsest:g} Å on, their signal stayed below the noise threshold); the others take the median, "
-            f"{med:.2f} Å. Check the mask and the noise (with one map the voxels outside the mask must be noise "
-            "only), or raise max_resolution", stacklevel=2)
+            f"(from {resolutions[0]:g} Å on, their signal stayed below the noise threshold); the others take the "
+            f"median, {med:.2f} Å. Check the mask and the noise (with one map the voxels outside the mask must be "
+            "noise only), or raise max_resolution", stacklevel=2)
     return np.asarray(med)
 
 
@@ -651,17 +655,29 @@ def _gather_reduce(func, *arrays, **kw):
     return da.map_blocks(func, *one, drop_axis=[0, 1, 2], dtype=np.float64, meta=np.empty((), np.float64), **kw)
 
 
-def _lazy_quantile(vol: xr.DataArray, select, q: float, max_samples: int = 4_000_000):
-    """q-quantile of vol over ``select`` (bool array or None) on a strided sample (chunk-invariant)."""
-    n = int(np.prod(vol.shape))
-    stride = max(1, int(math.ceil((n / max_samples) ** (1 / 3))))
+#: Voxels in the strided sample that a MonoRes REDUCE (noise quantile, noise sphere) gathers into one task.
+_MAX_SAMPLES = 4_000_000
+
+
+def _sample_stride(shape: Sequence[int]) -> int:
+    """Stride of a sample of at most ``_MAX_SAMPLES`` voxels of a map of ``shape``."""
+    return max(1, int(math.ceil((int(np.prod(shape)) / _MAX_SAMPLES) ** (1 / 3))))
+
+
+def _reduce_sample(func, *arrays, stride: int, **kw):
+    """``func(*samples, **kw)`` of the arrays sampled every ``stride`` voxels, gathered into one task (a
+    chunk-invariant REDUCE): a lazy 0-d array when any array is lazy, else its value."""
     sl = (slice(None, None, stride),) * 3
-    data = vol.data[sl]
-    sel = select[sl] if select is not None else None
-    if isinstance(data, da.Array) or isinstance(sel, da.Array):
-        arrays = [da.asarray(data)] + ([da.asarray(sel)] if sel is not None else [])
-        return _gather_reduce(_quantile_block, *arrays, q=q)
-    return _quantile_np(data, sel, q)
+    parts = [a[sl] for a in arrays]
+    if any(isinstance(p, da.Array) for p in parts):
+        return _gather_reduce(func, *[da.asarray(p) for p in parts], **kw)
+    return func(*parts, **kw)[()]
+
+
+def _lazy_quantile(vol: xr.DataArray, select, q: float):
+    """q-quantile of vol over ``select`` (bool array or None) on a strided sample (chunk-invariant)."""
+    arrays = [vol.data] + ([select] if select is not None else [])
+    return _reduce_sample(_quantile_block, *arrays, stride=_sample_stride(vol.shape), q=q)
 
 
 def _sphere_select(shape, lazy_like, radius=None) -> Any:
@@ -701,8 +717,9 @@ def _noise_radius_np(sample, mask, other, *, stride, shape, label, halves) -> np
         nv, nsel, what = v, sphere & (np.asarray(other) <= 0.5), "MonoRes with one map"
     noise, signal = nv[nsel], v[inside_mask]
     if noise.size == 0:
-        raise DataValueError(f"{what} ({label}): no voxel outside the mask inside the box sphere "
-                             f"(radius {radius:.0f} voxels) to take the noise from; give half maps or a tighter mask")
+        where = "inside the box sphere" if halves else "outside the mask inside the box sphere"
+        raise DataValueError(f"{what} ({label}): no voxel {where} (radius {radius:.0f} voxels) to take the noise "
+                             "from; give half maps or a tighter mask")
     if signal.size and noise.std() <= _FLAT_NOISE * signal.std():
         if halves:
             raise DataValueError(
@@ -726,17 +743,14 @@ def _noise_radius_block(sample, other, mask=None, **kw):
 
 
 def _noise_radius(vol: xr.DataArray, mask: xr.DataArray | None, other: xr.DataArray, *, halves: bool,
-                  label: str | None = None, max_samples: int = 4_000_000):
+                  label: str | None = None):
     """Radius (voxels) of the sphere that holds the noise (Xmipp's cliff), from a strided sample (see
     :func:`_noise_radius_np`)."""
     shape = tuple(int(n) for n in vol.shape)
-    stride = max(1, int(math.ceil((int(np.prod(shape)) / max_samples) ** (1 / 3))))
-    sl = (slice(None, None, stride),) * 3
-    arrays = [v.data[sl] for v in (vol, other) + ((mask,) if mask is not None else ())]
-    kw = dict(stride=stride, shape=shape, label=label or vol.name or "map", halves=halves)  # (not `name`: map_blocks')
-    if any(isinstance(a, da.Array) for a in arrays):
-        return _gather_reduce(_noise_radius_block, *[da.asarray(a) for a in arrays], **kw)
-    return _noise_radius_block(*arrays, **kw).item()
+    stride = _sample_stride(shape)
+    arrays = [vol.data, other.data] + ([mask.data] if mask is not None else [])
+    block = partial(_noise_radius_block, stride=stride, shape=shape, label=label or vol.name or "map", halves=halves)
+    return _reduce_sample(block, *arrays, stride=stride)
 
 
 def _monogenic(spec, gate, *, cut, width, kind, smooth_cut, smooth_width, chunks, strategy):
@@ -839,18 +853,14 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
     vols = [state] + ([mask] if mask is not None else [])
     raw = run_local(_mono_final_block, *vols, reach=0.0, has_mask=mask is not None, resolutions=tuple(ds),
                     name="local_resolution")
-    # unassigned voxels and the outside take the median of the assigned ones
+    # unassigned voxels and the outside (NaN in `raw`) take the median of the assigned ones
     rdata = raw.data
     assigned = rdata == rdata
-    inside = [] if mask is None else [mask.data > 0.5]
-    if mask is not None:
-        assigned = assigned & inside[0]
     if isinstance(rdata, da.Array):
-        med = _gather_reduce(_median_block, rdata, da.asarray(assigned), *[da.asarray(a) for a in inside],
-                             coarsest=ds[0])
+        med = _gather_reduce(_median_block, state.data, resolutions=tuple(ds))
         filled = da.where(assigned, rdata, med.astype(np.float32))
     else:
-        med = _median_block(rdata, assigned, *inside, coarsest=ds[0])
+        med = _median_block(state.data, resolutions=tuple(ds))
         filled = np.where(assigned, rdata, np.float32(med))
     filled_v = like(h1, filled, name="local_resolution")
     pvols = [filled_v] + ([mask] if mask is not None else [])

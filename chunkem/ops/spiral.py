@@ -491,14 +491,8 @@ def _next_gate(m: da.Array, prev_done: da.Array | None, acc_done: da.Array) -> t
     """
     if not OVERLAP_BANDS:
         return acc_done, acc_done
-    tok = spectral.done(m)
-    if prev_done is not None:
-        tok = da.blockwise(_first, "", tok, "", prev_done, "", dtype=tok.dtype, meta=np.empty((), tok.dtype))
+    tok = spectral.done(m) if prev_done is None else spectral.done(m, prev_done)
     return tok, acc_done
-
-
-def _first(a: Any, b: Any) -> Any:
-    return a
 
 
 def _zeros(k: int, shape: Sequence[int], chunks) -> da.Array:
