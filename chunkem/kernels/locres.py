@@ -883,13 +883,45 @@ def monores_state_resolution(state: np.ndarray, mask: np.ndarray | None = None, 
                              resolutions: Sequence[float]) -> np.ndarray:
     """Resolution (Å, float32) of a folded MonoRes state: ``resolutions[k]``; NaN where no step passed,
     outside ``mask`` or left out."""
-    x = np.asarray(state, dtype=np.float64)
-    k = np.rint(x - np.floor(x / _FAIL_UNIT) * _FAIL_UNIT).astype(np.int64) - 1
+    x, k = _state_steps(state)
     table = np.asarray(list(resolutions) + [np.nan], dtype=np.float64)  # k = -1 -> NaN
     d = np.where((x >= 0) & (k >= 0), table[np.clip(k, -1, len(table) - 2)], np.nan)
     if mask is not None:
         d = np.where(np.asarray(mask) > 0.5, d, np.nan)
     return d.astype(np.float32)
+
+
+def _state_steps(state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(state as float64, index of the last step passed: -1 where none) of a folded MonoRes state."""
+    x = np.asarray(state, dtype=np.float64)
+    return x, np.rint(x - np.floor(x / _FAIL_UNIT) * _FAIL_UNIT).astype(np.int64) - 1
+
+
+def monores_state_counts(state: np.ndarray, *, n_steps: int) -> np.ndarray:
+    """Counts (int64, ``n_steps + 1``) of a folded MonoRes state: the analysed voxels whose last passed step
+    is ``k`` (``k < n_steps``), then the number of analysed voxels. Summed over blocks they give the exact
+    median of the assigned voxels (:func:`median_from_counts`) whatever the chunking."""
+    x, k = _state_steps(state)
+    passed = k[(x >= 0) & (k >= 0)]
+    out = np.zeros(int(n_steps) + 1, dtype=np.int64)
+    out[:-1] = np.bincount(passed, minlength=int(n_steps))[:int(n_steps)]
+    out[-1] = np.count_nonzero(x >= 0)
+    return out
+
+
+def median_from_counts(values: Sequence[float], counts: np.ndarray) -> float:
+    """The median of a multiset given as distinct ``values`` with ``counts`` (``np.median`` of the float32
+    values, ties averaged as it does); NaN when empty."""
+    v = np.asarray(values, dtype=np.float32)
+    c = np.asarray(counts, dtype=np.int64)
+    n = int(c.sum())
+    if n == 0:
+        return float("nan")
+    order = np.argsort(v, kind="stable")
+    v, cum = v[order], np.cumsum(c[order])
+    lo = v[np.searchsorted(cum, (n - 1) // 2, side="right")]
+    hi = v[np.searchsorted(cum, n // 2, side="right")]
+    return float(np.mean(np.array([lo, hi], dtype=np.float32)))
 
 
 def sample_radius(sample_shape: Sequence[int], *, stride: int, shape: Sequence[int]) -> np.ndarray:

@@ -631,22 +631,40 @@ def _quantile_block(values, select=None, *, q):
 _MIN_ASSIGNED = 0.5
 
 
-def _median_block(state, *, resolutions):
-    """Median resolution (Å) of the voxels that passed a step, from a folded MonoRes state (analysed voxels
-    are those ``>= 0``); warns when fewer than half of the analysed voxels passed any step."""
-    d = K.monores_state_resolution(state, resolutions=resolutions)
-    v = d[np.isfinite(d)]
-    if v.size == 0:
+def _counts_block(state, *, n_steps):
+    return K.monores_state_counts(state, n_steps=n_steps)[None, None, None, :]
+
+
+def _median_of_counts(counts, *, resolutions):
+    """Median resolution (Å) of the voxels that passed a step, from summed :func:`K.monores_state_counts`;
+    warns when fewer than half of the analysed voxels passed any step."""
+    counts = np.asarray(counts)
+    passed, n_in = counts[:-1], int(counts[-1])
+    n_pass = int(passed.sum())
+    if n_pass == 0:
         raise DataValueError("MonoRes: no voxel passed any resolution step (no signal above the noise threshold)")
-    med = np.float64(np.median(v))
-    n_in = int(np.count_nonzero(np.asarray(state) >= 0))
-    if v.size < _MIN_ASSIGNED * n_in:
+    med = np.float64(K.median_from_counts(resolutions, passed))
+    if n_pass < _MIN_ASSIGNED * n_in:
         warnings.warn(
-            f"MonoRes: only {100 * v.size / n_in:.1f} % of the {n_in} voxels analysed passed any resolution step "
+            f"MonoRes: only {100 * n_pass / n_in:.1f} % of the {n_in} voxels analysed passed any resolution step "
             f"(from {resolutions[0]:g} Å on, their signal stayed below the noise threshold); the others take the "
             f"median, {med:.2f} Å. Check the mask and the noise (with one map the voxels outside the mask must be "
             "noise only), or raise max_resolution", stacklevel=2)
     return np.asarray(med)
+
+
+def _state_median(state, *, resolutions):
+    """The MonoRes median (:func:`_median_of_counts`) of a folded state: per-block step counts summed (a
+    chunk-invariant REDUCE of ``len(resolutions) + 1`` integers per block, nothing gathered); a lazy 0-d
+    array when the state is lazy, else its value."""
+    n = len(resolutions)
+    if not isinstance(state, da.Array):
+        return _median_of_counts(K.monores_state_counts(state, n_steps=n), resolutions=resolutions)
+    per = da.map_blocks(_counts_block, state, n_steps=n, new_axis=3, dtype=np.int64,
+                        chunks=tuple((1,) * nb for nb in state.numblocks) + ((n + 1,),))
+    total = per.sum(axis=(0, 1, 2))
+    return da.map_blocks(_median_of_counts, total, drop_axis=[0], dtype=np.float64,
+                         meta=np.empty((), np.float64), resolutions=resolutions)
 
 
 def _gather_reduce(func, *arrays, **kw):
@@ -856,11 +874,10 @@ def _monores(h1, h2, mask, *, vs, best, max_resolution, resolution_step, signifi
     # unassigned voxels and the outside (NaN in `raw`) take the median of the assigned ones
     rdata = raw.data
     assigned = rdata == rdata
+    med = _state_median(state.data, resolutions=tuple(ds))
     if isinstance(rdata, da.Array):
-        med = _gather_reduce(_median_block, state.data, resolutions=tuple(ds))
         filled = da.where(assigned, rdata, med.astype(np.float32))
     else:
-        med = _median_block(state.data, resolutions=tuple(ds))
         filled = np.where(assigned, rdata, np.float32(med))
     filled_v = like(h1, filled, name="local_resolution")
     pvols = [filled_v] + ([mask] if mask is not None else [])

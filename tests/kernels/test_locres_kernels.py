@@ -315,6 +315,43 @@ def test_noise_falloff_flat_noise_vs_soft_masked_noise(stride):
     assert K.noise_falloff(noise[sl], (r < 3)[sl], stride=stride, shape=noise.shape)[0] == 1.0  # < 3 shells
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_median_from_counts_is_numpy_median(data):
+    """The median from per-value counts equals np.median of the float32 values spelled out (ties, odd and even
+    counts, values in any order, zero counts)."""
+    n = data.draw(st.integers(1, 8))
+    values = data.draw(st.lists(st.floats(0.5, 500.0, width=32), min_size=n, max_size=n, unique=True))
+    counts = np.array(data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n)), dtype=np.int64)
+    got = K.median_from_counts(values, counts)
+    if counts.sum() == 0:
+        assert np.isnan(got)
+        return
+    ref = np.median(np.repeat(np.asarray(values, dtype=np.float32), counts))
+    assert got == float(ref)
+
+
+def test_monores_state_counts_sum_over_blocks_to_the_median():
+    """Step counts of any split of a folded state sum to those of the whole, whose median is the median of the
+    assigned voxels' resolutions; the last count is the number of analysed voxels."""
+    rng = np.random.default_rng(2)
+    n_steps, shape = 9, (6, 7, 20)
+    ratios = [rng.uniform(0.7, 1.4, shape).astype(np.float32) for _ in range(n_steps)]
+    mask = (rng.uniform(size=shape) > 0.25).astype(np.float32)
+    state = K.monores_state_init(mask, shape)
+    for k, r in enumerate(ratios):
+        state = K.monores_step(state, r, step=k).astype(np.float32)
+    res = list(np.linspace(9.0, 2.6, n_steps) + 0.0321)
+    whole = K.monores_state_counts(state, n_steps=n_steps)
+    parts = sum(K.monores_state_counts(b, n_steps=n_steps) for a in np.array_split(state, 3, axis=0)
+                for b in np.array_split(a, 4, axis=2))
+    np.testing.assert_array_equal(parts, whole)
+    d = K.monores_state_resolution(state, resolutions=res)
+    assert whole[-1] == int((mask > 0.5).sum())
+    assert whole[:-1].sum() == int(np.isfinite(d).sum()) < whole[-1]
+    assert K.median_from_counts(res, whole[:-1]) == float(np.median(d[np.isfinite(d)]))
+
+
 def test_monores_postprocess_keeps_the_finer_value():
     rng = np.random.default_rng(5)
     raw = (4 + rng.random((16, 16, 16))).astype(np.float32)
