@@ -83,8 +83,11 @@ def _check_boundary(boundary: Any) -> Any:
 class _BlockKernel:
     """Picklable wrapper calling the kernel on one overlapped block."""
 
-    def __init__(self, kernel, dtype, starts, depth, boundary, org, vs, with_offset, kwargs):
+    def __init__(self, kernel, dtype, starts, depth, boundary, org, vs, with_offset, kwargs, outputs=None,
+                 trim=None):
         self.kernel = kernel
+        self.outputs = outputs  # None: one output of the block's shape; n: (n, *block) stacked
+        self.trim = trim  # per axis (number of chunks): the wrapper trims the halo itself (stacked outputs)
         self.dtype = np.dtype(dtype)
         self.starts = starts  # per axis: chunk start indices (original array)
         self.depth = depth
@@ -96,33 +99,45 @@ class _BlockKernel:
 
     def __call__(self, *blocks: np.ndarray, block_id: tuple[int, ...] | None = None) -> np.ndarray:
         kw = dict(self.kwargs)
+        bid = tuple(block_id[-3:]) if block_id is not None else (0, 0, 0)  # stacked outputs: (0, z, y, x)
         if self.with_offset:
             first = []
             for ax in range(3):
-                s = self.starts[ax][block_id[ax]] - self.depth[ax]
+                s = self.starts[ax][bid[ax]] - self.depth[ax]
                 if self.boundary == "none":
                     s = max(0, s)
                 first.append(s)
             kw["offset"] = tuple(o + i * v for o, i, v in zip(self.origin, first, self.vs))
             kw["voxel_size"] = self.vs
         out = np.asarray(self.kernel(*blocks, **kw))
-        if out.shape != blocks[0].shape:
+        want = blocks[0].shape if self.outputs is None else (self.outputs,) + blocks[0].shape
+        if out.shape != want:
             raise GeometryError(
                 f"kernel {getattr(self.kernel, '__name__', self.kernel)!r} returned shape {out.shape} "
-                f"for a block of shape {blocks[0].shape}"
+                f"for a block of shape {blocks[0].shape} (expected {want})"
             )
+        if self.trim is not None:  # the halo map_overlap added on each side of this block
+            sl = []
+            for ax in range(3):
+                d = self.depth[ax]
+                lo = d if (bid[ax] > 0 or self.boundary != "none") else 0
+                hi = d if (bid[ax] < self.trim[ax] - 1 or self.boundary != "none") else 0
+                sl.append(slice(lo, out.shape[ax + 1] - hi))
+            out = out[(slice(None),) + tuple(sl)]
         return out.astype(self.dtype, copy=False)
 
 
-def _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kwargs) -> np.ndarray:
+def _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kwargs, outputs=None) -> np.ndarray:
     kw = dict(kwargs)
+    lead = () if outputs is None else (outputs,)
     if boundary == "none":
         if with_offset:
             kw["offset"] = tuple(org)
             kw["voxel_size"] = tuple(vs)
         out = np.asarray(kernel(*arrays, **kw))
-        if out.shape != arrays[0].shape:
-            raise GeometryError(f"kernel returned shape {out.shape} for an array of shape {arrays[0].shape}")
+        if out.shape != lead + arrays[0].shape:
+            raise GeometryError(f"kernel returned shape {out.shape} for an array of shape {arrays[0].shape}"
+                                + ("" if outputs is None else f" (expected {lead + arrays[0].shape})"))
         return out.astype(dtype, copy=False)
     pad = [(d, d) for d in depth]
     if isinstance(boundary, str):
@@ -133,7 +148,10 @@ def _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kw
         kw["offset"] = tuple(o - d * v for o, d, v in zip(org, depth, vs))
         kw["voxel_size"] = tuple(vs)
     out = np.asarray(kernel(*padded, **kw))
-    sl = tuple(slice(d, d + n) for d, n in zip(depth, arrays[0].shape))
+    if out.shape != lead + padded[0].shape:
+        raise GeometryError(f"kernel returned shape {out.shape} for an array of shape {padded[0].shape}"
+                            + ("" if outputs is None else f" (expected {lead + padded[0].shape})"))
+    sl = tuple(slice(None) for _ in lead) + tuple(slice(d, d + n) for d, n in zip(depth, arrays[0].shape))
     return out[sl].astype(dtype, copy=False)
 
 
@@ -145,8 +163,9 @@ def run_local(
     with_offset: bool = False,
     dtype: Any = np.float32,
     name: str | None = None,
+    outputs: int | None = None,
     **kernel_kwargs: Any,
-) -> xr.DataArray:
+) -> Any:
     """Run a numpy kernel over aligned Volumes with a halo of ``reach`` Å.
 
     Parameters
@@ -174,15 +193,22 @@ def run_local(
         (anything else is refused rather than silently cast).
     name
         Name of the output Volume (default: the first input's name).
+    outputs
+        ``None`` (default): the kernel returns one array of the block's
+        shape. ``n``: it returns ``n`` of them stacked, shape
+        ``(n, *block.shape)`` (several results from one pass, e.g. one per
+        FSC cutoff), and a list of ``n`` Volumes is returned; lazily they
+        share the kernel's tasks (computed together, the kernel runs once
+        per block).
     kernel_kwargs
         Passed to the kernel unchanged.
 
     Returns
     -------
-    xarray.DataArray
-        Volume with the geometry of ``volumes[0]``; lazy (dask) when any input
-        is dask-backed, else numpy (the kernel is then called once on the
-        whole arrays).
+    xarray.DataArray or list of xarray.DataArray
+        Volume with the geometry of ``volumes[0]`` (a list of ``outputs``
+        of them); lazy (dask) when any input is dask-backed, else numpy (the
+        kernel is then called once on the whole arrays).
 
     Notes
     -----
@@ -217,14 +243,21 @@ def run_local(
     if with_offset and not _wants(kernel, "offset"):
         raise ParameterError(f"with_offset=True but kernel {getattr(kernel, '__name__', kernel)!r} takes no 'offset'")
     out_name = name if name is not None else ref.name
+    if outputs is not None and (isinstance(outputs, bool) or int(outputs) != outputs or outputs < 1):
+        raise ParameterError(f"run_local: outputs must be a positive integer or None, got {outputs!r}")
+
+    def result(out):
+        if outputs is None:
+            return like(ref, out, name=out_name)
+        return [like(ref, out[i], name=out_name) for i in range(int(outputs))]
 
     lazy = [isinstance(v.data, da.Array) for v in volumes]
     if not any(lazy):
         arrays = [np.asarray(v.data) for v in volumes]
         if boundary != "none" and any(d > n for d, n in zip(depth, shape)):
             raise ParameterError(f"reach {reach} Å is larger than the map {shape} for boundary={boundary!r}")
-        out = _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kernel_kwargs)
-        return like(ref, out, name=out_name)
+        out = _numpy_call(kernel, arrays, depth, boundary, org, vs, with_offset, dtype, kernel_kwargs, outputs)
+        return result(out)
 
     first = volumes[lazy.index(True)].data
     chunks = list(first.chunks)
@@ -248,8 +281,18 @@ def run_local(
             a = a.rechunk(chunks_t)
         arrays.append(a)
     starts = tuple(tuple(int(s) for s in np.cumsum((0,) + c[:-1])) for c in chunks_t)
-    func = _BlockKernel(kernel, dtype, starts, tuple(depth), boundary, org, vs, with_offset, kernel_kwargs)
     depth_d = {ax: int(d) for ax, d in enumerate(depth)}
+    if outputs is not None:  # stacked along a new first axis; the wrapper trims the halo itself
+        nblocks = tuple(len(c) for c in chunks_t)
+        func = _BlockKernel(kernel, dtype, starts, tuple(depth), boundary, org, vs, with_offset, kernel_kwargs,
+                            outputs=int(outputs), trim=nblocks if any(depth) else None)
+        stacked = dict(new_axis=[0], chunks=((int(outputs),),) + chunks_t, dtype=np.dtype(dtype),
+                       meta=np.empty((0, 0, 0, 0), dtype=dtype))
+        if not any(depth):
+            return result(da.map_blocks(func, *arrays, **stacked))
+        return result(da.map_overlap(func, *arrays, depth=depth_d, boundary=boundary, trim=False,
+                                     align_arrays=False, allow_rechunk=False, **stacked))
+    func = _BlockKernel(kernel, dtype, starts, tuple(depth), boundary, org, vs, with_offset, kernel_kwargs)
     if all(d == 0 for d in depth):
         out = da.map_blocks(func, *arrays, dtype=np.dtype(dtype), meta=np.empty((0, 0, 0), dtype=dtype))
     else:
@@ -264,4 +307,4 @@ def run_local(
             dtype=np.dtype(dtype),
             meta=np.empty((0, 0, 0), dtype=dtype),
         )
-    return like(ref, out, name=out_name)
+    return result(out)

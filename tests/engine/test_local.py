@@ -105,6 +105,57 @@ def test_offset_is_position_of_first_block_voxel(case, reach):
         np.testing.assert_allclose(out.values, expect, rtol=0, atol=1e-3)
 
 
+@settings(max_examples=15, deadline=None)
+@given(case=volume_cases(max_side=30), boundary=st.sampled_from(["none", "periodic", "reflect", 1.5]),
+       reach=st.sampled_from([0.0, 1.0, 2.5]))
+def test_stacked_outputs_equal_separate_calls(case, boundary, reach):
+    """``outputs=n``: a kernel returning n stacked results gives, for any chunking and boundary, the Volumes
+    that n one-output calls give; lazily the kernel runs once per block for all of them."""
+    import dask
+
+    vol = chunked(case)
+    depth = halo_voxels(reach, vol.attrs["voxel_size"])
+    if boundary != "none" and any(d > n for d, n in zip(depth, case[0].shape)):
+        return
+    size = [2 * d + 1 for d in depth]
+
+    def smooth(b, *, offset, voxel_size):
+        return ndi.uniform_filter(b, size=size, mode="constant")
+
+    def peak_z(b, *, offset, voxel_size):
+        z = offset[0] + np.arange(b.shape[0]) * voxel_size[0]
+        return ndi.maximum_filter(b, size=size, mode="constant") + z[:, None, None]
+
+    calls = []
+
+    def both(b, **kw):
+        calls.append(b.shape)
+        return np.stack([smooth(b, **kw), peak_z(b, **kw)])
+
+    refs = [run_local(f, in_memory(case), reach=reach, boundary=boundary, with_offset=True) for f in (smooth, peak_z)]
+    mem = run_local(both, in_memory(case), reach=reach, boundary=boundary, with_offset=True, outputs=2)
+    got = run_local(both, vol, reach=reach, boundary=boundary, with_offset=True, outputs=2)
+    assert isinstance(got, list) and len(got) == 2 and all(isinstance(g.data, da.Array) for g in got)
+    one = run_local(smooth, vol, reach=reach, boundary=boundary, with_offset=True)
+    assert all(g.data.chunks == one.data.chunks for g in got)
+    calls.clear()
+    vals = dask.compute(*[g.data for g in got], scheduler="sync")
+    assert len(calls) == got[0].data.npartitions  # one kernel call per block for both outputs
+    for v, m, r in zip(vals, mem, refs):
+        np.testing.assert_allclose(v, r.values, rtol=1e-6, atol=1e-5)
+        np.testing.assert_array_equal(m.values, r.values)
+
+
+def test_stacked_outputs_shape_is_checked():
+    vol = make_volume(np.zeros((8, 8, 8)), voxel_size=1.0)
+    with pytest.raises(GeometryError, match="expected"):
+        run_local(lambda b: b, vol, reach=1.0, outputs=2)
+    with pytest.raises(GeometryError, match="expected"):
+        run_local(lambda b: np.stack([b, b]), vol.chunk(4), reach=1.0, outputs=3)[0].compute()
+    with pytest.raises(ParameterError, match="outputs"):
+        run_local(lambda b: b, vol, reach=1.0, outputs=0)
+
+
 def test_several_aligned_inputs_and_numpy_mix():
     rng = np.random.default_rng(3)
     a = rng.standard_normal((23, 19, 17)).astype(np.float32)
