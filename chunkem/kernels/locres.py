@@ -321,7 +321,7 @@ def local_fsc_exact(
     *,
     box: Sequence[int],
     voxel_size: Sequence[float],
-    cutoff: float = 0.143,
+    cutoff: float | Sequence[float] = 0.143,
     best: float,
     worst: float,
     pad: int = 1,
@@ -348,7 +348,8 @@ def local_fsc_exact(
     voxel_size
         Å per axis.
     cutoff
-        FSC threshold (0.143, 0.5...).
+        FSC threshold (0.143, 0.5...), or a sequence of them: each voxel's
+        curve is computed once and crossed at every cutoff.
     best, worst
         Clamp range of the result in Å (data limit / Nyquist, low-res cap).
     pad
@@ -370,18 +371,22 @@ def local_fsc_exact(
     Returns
     -------
     ndarray (float32)
-        Local resolution in Å at the computed voxels, ``fill`` elsewhere.
+        Local resolution in Å at the computed voxels, ``fill`` elsewhere;
+        with a sequence of cutoffs, one such map per cutoff stacked
+        (``(len(cutoff), *h1.shape)``).
     """
+    cutoffs = [float(c) for c in np.atleast_1d(cutoff)]
+    stacked = np.ndim(cutoff) > 0
     box = tuple(int(b) for b in box)
     shape = h1.shape
     lo = tuple(b // 2 for b in box)
     hi = tuple(b - b // 2 - 1 for b in box)
     if margin is not None:
         lo = hi = tuple(int(m) for m in margin)
-    out = np.full(shape, fill, dtype=np.float32)
+    out = np.full((len(cutoffs),) + tuple(shape), fill, dtype=np.float32)
     inner = np.zeros(shape, dtype=bool)
     if any(lo[a] + hi[a] >= shape[a] for a in range(3)):
-        return out
+        return out if stacked else out[0]
     inner[lo[0]:shape[0] - hi[0], lo[1]:shape[1] - hi[1], lo[2]:shape[2] - hi[2]] = True
     if step is not None and any(int(s) > 1 for s in step):
         grid = _grid_select(shape, step, offset, origin, voxel_size)
@@ -395,20 +400,21 @@ def local_fsc_exact(
         sel = inner if mask is None else inner & (np.asarray(mask) > 0.5)
     centres = np.argwhere(sel)
     if centres.size == 0:
-        return out
+        return out if stacked else out[0]
     fshape = tuple(b * (int(pad) + 1) for b in box)
     layout = shell_layout(fshape, voxel_size)
     taper = hann_window(box)
-    res = np.empty(centres.shape[0], dtype=np.float32)
+    res = np.empty((len(cutoffs), centres.shape[0]), dtype=np.float32)
     wlo = np.asarray([b // 2 for b in box])
     for k in range(0, centres.shape[0], batch):
         c = centres[k:k + batch]
         curves, freq = local_fsc_curves(h1, h2, c - wlo, box=box, voxel_size=voxel_size, pad=pad,
                                         layout=layout, taper=taper, workers=workers)
-        s = first_crossing(curves, freq, cutoff=cutoff)
-        res[k:k + batch] = crossing_to_resolution(s, best=best, worst=worst)
-    out[centres[:, 0], centres[:, 1], centres[:, 2]] = res
-    return out
+        for j, co in enumerate(cutoffs):
+            s = first_crossing(curves, freq, cutoff=co)
+            res[j, k:k + batch] = crossing_to_resolution(s, best=best, worst=worst)
+    out[:, centres[:, 0], centres[:, 1], centres[:, 2]] = res
+    return out if stacked else out[0]
 
 
 def interpolate_grid(

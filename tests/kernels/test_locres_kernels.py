@@ -123,6 +123,15 @@ def test_local_fsc_exact_equals_per_voxel_curves():
     # voxels whose window leaves the block are not computed
     edge = K.local_fsc_exact(h1, h2, None, box=box, voxel_size=(1, 1, 1), best=2.0, worst=8.0)
     assert np.isnan(edge[:4]).all() and np.isnan(edge[-3:]).all() and np.isfinite(edge[4:-3, 4:-3, 4:-3]).all()
+    # several cutoffs: one map per cutoff stacked, each equal to its own single-cutoff run
+    both = K.local_fsc_exact(h1, h2, mask, box=box, voxel_size=(1.0, 1.0, 1.0), best=2.0, worst=8.0, batch=7,
+                             cutoff=(0.5, 0.143))
+    assert both.shape == (2,) + h1.shape
+    np.testing.assert_array_equal(both[1], out)
+    half = K.local_fsc_exact(h1, h2, mask, box=box, voxel_size=(1.0, 1.0, 1.0), best=2.0, worst=8.0, batch=7,
+                             cutoff=0.5)
+    np.testing.assert_array_equal(both[0], half)
+    assert (half[sel] >= out[sel]).all() and (half[sel] > out[sel]).any()
 
 
 def test_local_fsc_exact_step_grid_and_interpolation():

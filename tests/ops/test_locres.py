@@ -417,6 +417,12 @@ def test_several_cutoffs_in_one_run(small):
     ex1 = local_resolution(small.half1, small.half2, mode="exact", step=3, cutoff=0.143, **kw)
     np.testing.assert_array_equal(ex.extra[0.143].values, ex1.resolution.values)
     assert ex.to_dict()["cutoffs"] == [0.5, 0.143]
+    # the exact mode computes each voxel's curve once for both cutoffs, lazily on any chunking too
+    exl = local_resolution(small.half1.chunk(ch), small.half2.chunk(ch), mask=small.mask.chunk(ch), mode="exact",
+                           step=3, cutoff=(0.5, 0.143), window=14.0)
+    a, b = dask.compute(exl.resolution.data, exl.extra[0.143].data)
+    np.testing.assert_allclose(a, ex.resolution.values, atol=1e-4)
+    np.testing.assert_allclose(b, ex1.resolution.values, atol=1e-4)
 
 
 # --------------------------------------------------------------------------- bad input
