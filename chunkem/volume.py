@@ -224,12 +224,15 @@ def like(template: xr.DataArray, data: Any, *, name: str | None = None, keep_hea
     )
 
 
-def check_independent(half1: xr.DataArray, half2: xr.DataArray, *, names: Sequence[str] = ("half1", "half2")) -> None:
+def check_independent(half1: xr.DataArray, half2: xr.DataArray, *, names: Sequence[str] = ("half1", "half2"),
+                      data: bool = False) -> None:
     """Raise :class:`DataValueError` when two half maps were read from the same file.
 
     Passing one file twice is a classic slip: the FSC is then 1 at every
-    frequency and every resolution reads as Nyquist. Only the files are
-    compared (``attrs["header"]["source"]``); in-memory Volumes are not.
+    frequency and every resolution reads as Nyquist. The files are compared
+    (``attrs["header"]["source"]``). With ``data=True`` the arrays are too:
+    one array passed twice, the same lazy graph, or in-memory arrays with
+    equal values (lazy arrays from different graphs are not computed).
     """
     import os
 
@@ -237,6 +240,16 @@ def check_independent(half1: xr.DataArray, half2: xr.DataArray, *, names: Sequen
     if src[0] and src[1] and os.path.realpath(str(src[0])) == os.path.realpath(str(src[1])):
         raise DataValueError(f"{names[0]} and {names[1]} are the same file ({src[0]}): give the two independent "
                              "half maps")
+    if not data:
+        return
+    a, b = half1.data, half2.data
+    if isinstance(a, da.Array) or isinstance(b, da.Array):
+        same = isinstance(a, da.Array) and isinstance(b, da.Array) and a.name == b.name
+    else:
+        same = a is b or (np.shape(a) == np.shape(b) and bool(np.array_equal(a, b)))
+    if same:
+        raise DataValueError(f"{names[0]} and {names[1]} hold the same values: give the two independent half maps "
+                             "(their FSC would be 1 at every frequency)")
 
 
 def check_aligned(*vols: xr.DataArray, names: Sequence[str] | None = None, tol: float = 1e-4) -> None:

@@ -121,6 +121,14 @@ def test_check_independent_refuses_one_file_twice(tmp_path):
         fsc(open_map(a), open_map(a))
     with pytest.raises(DataValueError, match="same file"):
         local_resolution(open_map(a), open_map(tmp_path / "link.mrc"), window=8.0)
+    # data=True (local resolution): the same array twice, the same lazy graph, or equal in-memory values
+    for h1, h2 in [(mem, mem), (mem, mem.copy()), (mem.chunk(8), mem.chunk(8))]:
+        with pytest.raises(DataValueError, match="half1 and half2 hold the same values"):
+            check_independent(h1, h2, data=True)
+    check_independent(mem, mem + 1e-3, data=True)
+    check_independent(mem.chunk(8), mem.chunk(4), data=True)  # lazy, two graphs: not computed
+    with pytest.raises(DataValueError, match="hold the same values"):
+        local_resolution(mem, mem.copy(), window=8.0)
 
 
 def test_check_aligned_names_the_mismatch():

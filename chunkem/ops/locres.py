@@ -369,7 +369,7 @@ def _check_inputs(half1, half2, mask) -> None:
     vols, names = [half1], ["half1"]
     if half2 is not None:
         validate_volume(half2, source="half2")
-        check_independent(half1, half2)
+        check_independent(half1, half2, data=True)
         vols.append(half2)
         names.append("half2")
     if mask is not None:
