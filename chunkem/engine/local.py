@@ -25,10 +25,10 @@ import numpy as np
 import xarray as xr
 
 from ..errors import GeometryError, ParameterError
-from ..volume import as_triple, check_aligned, like, origin, voxel_size
+from ..volume import as_triple, check_aligned, like, make_volume, origin, voxel_size
 from .chunks import min_chunk_chunks
 
-__all__ = ["halo_voxels", "run_local", "BOUNDARIES"]
+__all__ = ["halo_voxels", "run_local", "BOUNDARIES", "pad_array", "extend", "crop"]
 
 BOUNDARIES = ("none", "periodic", "reflect", "nearest")
 # numpy.pad modes equivalent to dask's overlap boundaries (dask "reflect"
@@ -308,3 +308,83 @@ def run_local(
             meta=np.empty((0, 0, 0), dtype=dtype),
         )
     return result(out)
+
+
+# --------------------------------------------------------------------------- extending a map beyond its faces
+
+_PAD_MODES = ("symmetric", "constant")
+
+
+class _PadBlock:
+    """Picklable: pad one block on the sides where it touches the array edge."""
+
+    def __init__(self, widths, numblocks, mode):
+        self.widths = widths
+        self.numblocks = numblocks
+        self.mode = mode
+
+    def __call__(self, block: np.ndarray, value: Any = 0.0, block_info=None) -> np.ndarray:
+        idx = block_info[0]["chunk-location"] if block_info else (0,) * block.ndim
+        pads = [((a if i == 0 else 0), (b if i == n - 1 else 0))
+                for (a, b), i, n in zip(self.widths, idx, self.numblocks)]
+        if self.mode == "symmetric":
+            return np.pad(block, pads, mode="symmetric")
+        return np.pad(block, pads, mode="constant", constant_values=np.asarray(value, dtype=block.dtype).item())
+
+
+def pad_array(x: Any, widths: Sequence[tuple[int, int]], *, mode: str = "symmetric", value: Any = 0.0) -> Any:
+    """Pad a 3-D numpy or dask array by ``widths`` ((before, after) voxels per axis).
+
+    ``mode="symmetric"``: mirrored at each face, the face voxel repeated
+    (numpy's ``symmetric``, dask's ``reflect``); ``"constant"``: ``value``
+    (a number or a lazy 0-d array). Dask arrays keep their block grid: the
+    pads join the first / last chunk of each axis (one task per block; edge
+    chunks thinner than a mirrored pad are merged with their neighbour
+    first), so the result does not depend on the chunking.
+    """
+    if mode not in _PAD_MODES:
+        raise ParameterError(f"pad mode must be one of {', '.join(_PAD_MODES)}, got {mode!r}")
+    widths = [(int(a), int(b)) for a, b in widths]
+    if any(a < 0 or b < 0 for a, b in widths):
+        raise ParameterError(f"pad widths must be >= 0 voxels, got {widths}")
+    if not isinstance(x, da.Array):
+        if mode == "symmetric":
+            return np.pad(np.asarray(x), widths, mode="symmetric")
+        return np.pad(np.asarray(x), widths, mode="constant", constant_values=np.asarray(value).item())
+    if mode == "symmetric":  # a mirrored pad comes from the edge chunk itself: at least as thick as the pad
+        want = tuple(min_chunk_chunks(c, max(a, b)) if len(c) > 1 else c for c, (a, b) in zip(x.chunks, widths))
+        if want != x.chunks:
+            x = x.rechunk(want)
+    chunks = []
+    for c, (a, b) in zip(x.chunks, widths):
+        c = list(c)
+        c[0] += a
+        c[-1] += b
+        chunks.append(tuple(c))
+    fn = _PadBlock(widths, x.numblocks, mode)
+    if mode == "constant" and isinstance(value, da.Array):
+        return da.map_blocks(fn, x, value, chunks=tuple(chunks), dtype=x.dtype)
+    return da.map_blocks(fn, x, float(value) if mode == "constant" else 0.0, chunks=tuple(chunks), dtype=x.dtype)
+
+
+def extend(vol: xr.DataArray, widths: Sequence[tuple[int, int]], *, mode: str = "symmetric",
+           value: Any = 0.0) -> xr.DataArray:
+    """The Volume extended beyond its faces by ``widths`` ((before, after) voxels per axis), as
+    :func:`pad_array` does; the origin moves by ``-before`` voxels, so every voxel keeps its position in Å.
+    Lazy in, lazy out. :func:`crop` with the same widths gives the Volume back."""
+    data = pad_array(vol.data, widths, mode=mode, value=value)
+    org = tuple(o - int(a) * v for o, (a, _), v in zip(origin(vol), widths, voxel_size(vol)))
+    return make_volume(data, voxel_size=voxel_size(vol), origin=org, name=vol.name,
+                       header=(vol.attrs.get("header") or None))
+
+
+def crop(vol: xr.DataArray, widths: Sequence[tuple[int, int]]) -> xr.DataArray:
+    """The Volume without ``widths`` ((before, after) voxels per axis) at its faces (origin moved to match):
+    the inverse of :func:`extend`."""
+    widths = [(int(a), int(b)) for a, b in widths]
+    sl = tuple(slice(a, n - b) for (a, b), n in zip(widths, vol.shape))
+    if any(s.stop <= s.start for s in sl):
+        raise ParameterError(f"crop: widths {widths} leave nothing of a Volume of shape {tuple(vol.shape)}")
+    org = tuple(o + a * v for o, (a, _), v in zip(origin(vol), widths, voxel_size(vol)))
+    return make_volume(vol.data[sl], voxel_size=voxel_size(vol), origin=org, name=vol.name,
+                       header=(vol.attrs.get("header") or None))

@@ -72,7 +72,7 @@ import scipy.fft
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.local import run_local
+from ..engine.local import pad_array, run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locscale as KL
 from ..kernels.filters import radius
@@ -91,38 +91,6 @@ def _as_dask(vol: xr.DataArray, chunks: Any = None) -> da.Array:
     if isinstance(vol.data, da.Array):
         return vol.data
     return da.from_array(np.asarray(vol.data), chunks=chunks if chunks is not None else vol.shape)
-
-
-class _PadBlock:
-    """Picklable: pad one block on the sides where it touches the array edge."""
-
-    def __init__(self, widths, numblocks):
-        self.widths = widths
-        self.numblocks = numblocks
-
-    def __call__(self, block: np.ndarray, value: Any = 0.0, block_info=None) -> np.ndarray:
-        idx = block_info[0]["chunk-location"] if block_info else (0, 0, 0)
-        pads = [((a if i == 0 else 0), (b if i == n - 1 else 0))
-                for (a, b), i, n in zip(self.widths, idx, self.numblocks)]
-        return np.pad(block, pads, mode="constant", constant_values=np.asarray(value, dtype=block.dtype).item())
-
-
-def _pad(x: da.Array, widths: Sequence[tuple[int, int]], value: Any) -> da.Array:
-    """Pad ``x`` by ``widths`` ((before, after) voxels per axis) with ``value`` (a number or a lazy 0-d array).
-
-    The block grid of ``x`` is kept: the pads join the first / last chunk of each axis (one task per block).
-    """
-    widths = [(int(a), int(b)) for a, b in widths]
-    chunks = []
-    for c, (a, b) in zip(x.chunks, widths):
-        c = list(c)
-        c[0] += a
-        c[-1] += b
-        chunks.append(tuple(c))
-    fn = _PadBlock(widths, x.numblocks)
-    if isinstance(value, da.Array):
-        return da.map_blocks(fn, x, value, chunks=tuple(chunks), dtype=x.dtype)
-    return da.map_blocks(fn, x, float(value), chunks=tuple(chunks), dtype=x.dtype)
 
 
 def _outside_mean(x: da.Array, sel: da.Array) -> da.Array:
@@ -388,12 +356,13 @@ def locscale(
         widths = [(hh, scipy.fft.next_fast_len(n + 2 * hh, real=True) - n - hh) for hh, n in zip(h, vol.shape)]
     org = origin(vol)
     org_p = tuple(o - hh * v for o, hh, v in zip(org, h, vs))
-    em_p = _pad(em, widths, _outside_mean(em, sel))
-    mk_p = _pad(mk.astype(np.float32), widths, 0)
+    em_p = pad_array(em, widths, mode="constant", value=_outside_mean(em, sel))
+    mk_p = pad_array(mk.astype(np.float32), widths, mode="constant", value=0.0)
     vols = [make_volume(em_p, voxel_size=vs, origin=org_p, name="em")]
     if ref_vol is not None:
         rf = _as_dask(ref_vol, em.chunks).rechunk(em.chunks)
-        vols.append(make_volume(_pad(rf, widths, _outside_mean(rf, sel)), voxel_size=vs, origin=org_p, name="ref"))
+        rf_p = pad_array(rf, widths, mode="constant", value=_outside_mean(rf, sel))
+        vols.append(make_volume(rf_p, voxel_size=vs, origin=org_p, name="ref"))
     mask_vol = make_volume(mk_p, voxel_size=vs, origin=org_p, name="mask")
     # halo of exactly wn/2 voxels: reach just under half a window (Å)
     reach = tuple((hh - 0.25) * v for hh, v in zip(h, vs))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkem.engine.chunks import auto_chunks, min_chunk_chunks
-from chunkem.engine.local import halo_voxels, run_local
+from chunkem.engine.local import crop, extend, halo_voxels, pad_array, run_local
 from chunkem.errors import GeometryError, ParameterError
 from chunkem.volume import make_volume
 
@@ -210,3 +210,37 @@ def test_kernel_shape_mismatch_and_bad_boundary():
         run_local(lambda b: b, vol, reach=1.0, with_offset=True)
     with pytest.raises(ParameterError, match="float32"):  # a float64 result would be cast, losing digits
         run_local(lambda b: b.astype(np.float64) + 2e6 + 3.7, vol, reach=0.0, dtype=np.float64)
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=volume_cases(max_side=24), widths=st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30)), min_size=3,
+                                                      max_size=3), mode=st.sampled_from(["symmetric", "constant"]))
+def test_extend_equals_numpy_pad_and_crop_inverts_it(case, widths, mode):
+    """extend(): numpy's pad (mirrored with the face voxel repeated, or a constant) for any chunking, pads wider
+    than the edge chunk or the whole axis included; each voxel keeps its position in Å; crop() undoes it."""
+    data, _, vs, org = case
+    ref = np.pad(data, widths, mode="symmetric") if mode == "symmetric" else np.pad(data, widths, constant_values=2.5)
+    with raise_if_computes():
+        lazy = extend(chunked(case), widths, mode=mode, value=2.5)
+    mem = extend(in_memory(case), widths, mode=mode, value=2.5)
+    assert isinstance(lazy.data, da.Array) and isinstance(mem.data, np.ndarray)
+    np.testing.assert_array_equal(lazy.values, ref)
+    np.testing.assert_array_equal(mem.values, ref)
+    for dim, (a, _), o, v in zip("zyx", widths, org, vs):
+        assert float(lazy[dim][a]) == pytest.approx(o, abs=1e-9)  # the first original voxel stays where it was
+    back = crop(lazy, widths)
+    np.testing.assert_array_equal(back.values, data)
+    assert back.attrs["origin"] == pytest.approx(org, abs=1e-9)
+    np.testing.assert_allclose(back.x.values, in_memory(case).x.values, atol=1e-9)
+
+
+def test_pad_array_lazy_value_and_bad_arguments():
+    x = da.from_array(np.arange(24, dtype=np.float32).reshape(2, 3, 4), chunks=(1, 2, 3))
+    got = pad_array(x, [(1, 0), (0, 2), (1, 1)], mode="constant", value=x.mean())  # a lazy 0-d value
+    np.testing.assert_array_equal(got.compute(), np.pad(x.compute(), [(1, 0), (0, 2), (1, 1)], constant_values=11.5))
+    with pytest.raises(ParameterError, match="pad mode"):
+        pad_array(x, [(1, 1)] * 3, mode="wrap")
+    with pytest.raises(ParameterError, match=">= 0"):
+        pad_array(x, [(-1, 1)] * 3)
+    with pytest.raises(ParameterError, match="leave nothing"):
+        crop(make_volume(np.zeros((4, 4, 4)), voxel_size=1.0), [(2, 2), (0, 0), (0, 0)])
