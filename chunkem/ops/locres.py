@@ -40,8 +40,8 @@
     deviation ``sqrt(1/3 + 1/48) / window ≈ 0.6 / window``). We use a
     Gaussian of standard deviation ``0.7 / window`` in power; bands equal
     to the numerically computed ``T_j`` (and the mean removal of the exact
-    mode) gave the same agreement (NPC 86.5 % vs 86.4 %, phantom 98.7 % vs
-    99.0 %), and the mean curves of the two modes agree to < 0.01 in FSC.
+    mode) gave the same agreement (NPC sphere, before the mirrored faces:
+    86.5 % vs 86.4 %; phantom 98.7 % vs 99.0 %), and the mean curves of the two modes agree to < 0.01 in FSC.
     What remains is noise, not bias: the fast kernel equals the exact one
     times the window autocorrelation in ``u - u'``, so it averages more
     Fourier modes and its curve is smoother. Where the local FSC hovers
@@ -55,41 +55,39 @@
     with itself one voxel away (0.88-0.91), but the fast values spread only
     0.68-0.82x as much; bands and windows that match the exact spread
     (``w³`` or a shrunk ``w²``) lower the correlation and the NPC agreement
-    (85.0 -> 81-82 %). ``benchmarks/locres_fast_vs_exact.py`` measures both.
+    (sphere, before the mirrored faces: 85.0 -> 81-82 %). ``benchmarks/locres_fast_vs_exact.py`` measures both.
+
+    **Map faces.** Both modes see the map mirrored beyond its faces
+    (``engine.local.extend``, half a window and two voxels, up to an
+    FFT-friendly size), the fast mode's global FFTs included; blocres
+    leaves voxels within half a window of a face unestimated. A periodic
+    box (what the FFTs alone give) joins density cut by one face to the
+    opposite face, a jump that both halves share and that reads as fine
+    resolution: a phantom whose molecule is cut by the box face read 0.34-
+    0.43 Å too fine over the 6 slices next to the cut (median; exact and
+    fast alike), now within 0.06 Å of the uncut map.
 
     Measured (fraction of mask voxels within one padded shell
     ``1/(2·window)`` or 0.3 Å, whichever is larger; in brackets within
     ``1/window``). Phantom (64³, 1.1 Å, exact on every 4th voxel): window
-    12 / 16 / 19 (default) / 24 voxels: 96.8 / 98.8 / 99.3 / 99.1 %
-    (98.6 / 99.8 / 99.8 / 100 %); RMSE vs the known local resolution 0.29 Å
-    (fast) and 0.31 Å (exact). Real sub-tomogram-average half maps (NPC,
-    32³, the whole data set, 2.68 Å, 10 875 mask voxels; the global FSC
-    reaches Nyquist, so the default window is 12 voxels), window 8 / 10 /
-    12 / 14 / 16 voxels: 84.3 / 85.1 / 85.0 / 82.2 / 78.6 % (92.0 / 93.0 /
-    93.1 / 91.6 / 88.9 %); with ``band_spacing = 1/(2·window)`` 84.7 /
-    86.2 / 86.4 / 85.7 / 82.1 % and the medians of the two modes agree
-    (12 voxels: 7.33 vs 7.35 Å, against 7.04 Å with the default spacing).
-    Split at 12 voxels: 89.7 % (95.1 %) on the 7 530 mask voxels at least
-    half a window from the box faces, 74.5 % (88.5 %) on the 3 345 within it
-    (31 % of this small mask; blocres leaves them unestimated).
-    The exact mode agrees with itself one voxel away for only 84.4 / 85.5
-    / 87.1 / 88.4 / 88.7 %: the first crossing is noise-limited there (the
-    local FSC hovers near the cutoff over several shells), so no window
-    reaches 95 % on these maps; where they disagree the exact mode reads
-    coarser (60-90 % of the cases), the more so for larger windows, which
-    give the exact curve more padded shells at which to dip below the
-    cutoff.
+    12 / 16 / 19 (default) / 24 voxels: 96.7 / 98.8 / 99.3 / 99.1 %
+    (98.6 / 99.6 / 99.8 / 100 %); RMSE vs the known local resolution at the
+    default window 0.29 Å (fast) and 0.30 Å (exact). Real sub-tomogram-average half maps (NPC,
+    32³, the whole data set, 2.68 Å; the global FSC reaches Nyquist, so
+    the default window is 12 voxels), window 8 / 10 / 12 / 14 / 16 voxels:
 
-    **Map edges.** Within half a window of the box edge the fast mode
-    truncates the window (the map counts as zero outside), the exact mode
-    wraps around (the box is periodic, as in its FFTs); the two differ
-    there. Masks normally keep the analysis away from the edge. An exact
-    mode that truncates its windows at the faces as the fast one does
-    (taper times the in-box indicator, mean over the in-box voxels) agrees
-    with the fast mode less, not more (NPC, the 3 345 voxels within half a
-    window of a face: 66.4 % against 74.5 %; it reads coarser there, median
-    7.94 against 7.79 Å): the truncated window holds fewer voxels and its
-    FSC is noisier.
+    * on the molecule (chunkem's FDR confidence mask of the averaged
+      halves, 1 %, 876 voxels): 99.8 / 98.9 / 99.3 / 98.5 / 97.3 %
+      (100 / 100 / 100 / 100 / 99.9 %), also within half a window of the
+      faces (97.1-100 %); the exact mode agrees with itself one voxel away
+      for 96-99 %;
+    * in the data set's sphere (10 875 voxels, 94 % of them outside the
+      molecule): 85.1 / 86.6 / 87.6 / 88.7 / 89.9 % (92.6 / 93.6 / 94.3 /
+      94.9 / 95.7 %), the exact mode with itself one voxel away 84.4 /
+      85.4 / 87.8 / 90.2 / 92.2 %: away from the density the local FSC
+      hovers near the cutoff over several shells and the first crossing is
+      noise; where the two modes disagree there the exact one mostly reads
+      coarser, its noisier curve dipping below the cutoff first.
 
 ``method="monores"`` (one map or half maps)
     Monogenic amplitude (the map filtered around frequency ``f`` and its
@@ -139,10 +137,11 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import scipy.fft
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.local import run_local
+from ..engine.local import crop, extend, run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locres as K
 from ..kernels import spiral as KS
@@ -542,6 +541,24 @@ def _band_fsc_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box
     return K.local_fsc_band_fsc(h1, h2, state, box=box, edge_pad=pads, **kw)
 
 
+def _face_widths(box: Sequence[int], shape: Sequence[int], step: int = 1) -> list[tuple[int, int]]:
+    """Voxels by which local FSC extends the map beyond each face (mirrored): half a window and ``max(2, step)``
+    more on the low side (every window of a voxel of the map, or of a grid point the exact mode interpolates
+    from, lies in the extended map, clear of its own wrap-around), at least that on the high side, up to an
+    FFT-friendly length."""
+    out = []
+    for b, n in zip(box, shape):
+        lo = int(b) // 2 + max(2, int(step))
+        out.append((lo, scipy.fft.next_fast_len(int(n) + 2 * lo, real=True) - int(n) - lo))
+    return out
+
+
+def _ones_like(data):
+    if isinstance(data, da.Array):
+        return da.ones(data.shape, chunks=data.chunks, dtype=np.float32)
+    return np.ones(data.shape, dtype=np.float32)
+
+
 def _band_map(spec, gate, *, lim, centre, sigma, chunks) -> xr.DataArray:
     """A half map band-passed around ``centre`` (from the window ``|k| <= lim``), computed after ``gate``."""
     return spectral.irfft(spectral.apply(K.band_pass, spectral.after(spectral.window(spec, lim), gate), centre=centre,
@@ -589,23 +606,24 @@ def _localfsc_fast(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, strategy
     return res, [float(c) for c in centres]
 
 
-def _localfsc_exact(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, step):
+def _localfsc_exact(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, step, grid_origin):
     """Exact local FSC maps, one per cutoff (each voxel's curve computed once, crossed at every cutoff), and
-    the shell frequencies."""
+    the shell frequencies. With ``step`` the computed voxels are those on the grid ``index % step == 0``
+    counted from ``grid_origin`` (Å: the input map's first voxel)."""
     reach = tuple((b // 2) * v for b, v in zip(box, vs))
     vols = [_rechunk(v, _work_chunks(h1)) for v in [h1, h2] + ([mask] if mask is not None else [])]
     kw: dict[str, Any] = dict(box=box, voxel_size=vs, cutoff=tuple(cutoffs), best=best, worst=worst, pad=pad)
     stepped = step is not None and max(step) > 1
     if stepped:
-        org = tuple(float(o) for o in h1.attrs["origin"])
+        org = tuple(float(o) for o in grid_origin)
         kw.update(step=step, origin=org)
-        grids = run_local(_exact_block, *vols, reach=reach, boundary="periodic", with_offset=True,
+        grids = run_local(_exact_block, *vols, reach=reach, with_offset=True,
                           has_mask=mask is not None, name="local_resolution", outputs=len(cutoffs), **kw)
         res = [run_local(_interp_block, *([g] + ([mask] if mask is not None else [])),
                          reach=tuple(s * v for s, v in zip(step, vs)), with_offset=True, has_mask=mask is not None,
                          step=step, origin=org, name="local_resolution") for g in grids]
     else:
-        res = run_local(_exact_block, *vols, reach=reach, boundary="periodic", has_mask=mask is not None,
+        res = run_local(_exact_block, *vols, reach=reach, has_mask=mask is not None,
                         name="local_resolution", outputs=len(cutoffs), **kw)
     fshape = tuple(b * (pad + 1) for b in box)
     freqs = K.shell_layout(fshape, vs).frequency[1:].tolist()
@@ -1073,24 +1091,32 @@ def local_resolution(
         if pad < 0 or int(pad) != pad:
             raise ParameterError(f"pad must be an integer >= 0, got {pad}")
         pad = int(pad)
+        st = None
         if mode == "exact":
-            st = None
             if step is not None:
                 if int(step) != step or step < 1:
                     raise ParameterError(f"step must be a positive integer (voxels), got {step}")
                 if step > min(box) // 2:
                     raise ParameterError(f"step {step} voxels must not exceed half the window ({min(box) // 2})")
                 st = (int(step),) * 3
-            maps, freqs = _localfsc_exact(half1, half2, mask, box=box, vs=vs, cutoffs=cutoffs, best=best,
-                                          worst=worst_v, pad=pad, step=st)
         else:
             spacing = float(band_spacing) if band_spacing is not None else 1.0 / window
             if not spacing > 0:
                 raise ParameterError(f"band_spacing must be positive (1/Å), got {band_spacing}")
-            maps, freqs = _localfsc_fast(half1, half2, mask, box=box, vs=vs, cutoffs=cutoffs, best=best,
+        # both modes see the map mirrored beyond its faces (not wrapped around: a periodic box joins density
+        # cut by one face to the opposite face, a jump both halves share, which reads as fine resolution)
+        ext = _face_widths(box, shape, step=max(st) if st else 1)
+        h1e, h2e = (extend(h, ext) for h in (half1, half2))
+        me = extend(mask if mask is not None else like(half1, _ones_like(half1.data), name="mask"), ext,
+                    mode="constant", value=0.0)
+        if mode == "exact":
+            maps, freqs = _localfsc_exact(h1e, h2e, me, box=box, vs=vs, cutoffs=cutoffs, best=best, worst=worst_v,
+                                          pad=pad, step=st, grid_origin=half1.attrs["origin"])
+        else:
+            maps, freqs = _localfsc_fast(h1e, h2e, me, box=box, vs=vs, cutoffs=cutoffs, best=best,
                                          worst=worst_v, pad=pad, strategy=strategy, spacing=spacing,
                                          sigma=K.effective_band_sigma(window))
-        maps = [_fill_outside(r, mask, fill, chunks=_input_chunks(half1)) for r in maps]
+        maps = [_fill_outside(crop(r, ext), mask, fill, chunks=_input_chunks(half1)) for r in maps]
         return LocalResolutionResult(
             resolution=maps[0], method=method, mode=mode, window=window, box=box, cutoff=cutoffs[0], best=best,
             worst=worst_v, frequencies=freqs, global_resolution=glob, mask=mask, fill=float(fill),
