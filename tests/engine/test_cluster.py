@@ -193,10 +193,11 @@ def test_environment_variables_set_the_session():
     assert out.stdout.split() == ["threads", "64", "threads", "1"]
 
 
-def test_deploy_slurm_yaml_makes_a_job_script():
+def test_deploy_slurm_yaml_makes_a_job_script(tmp_path, monkeypatch):
     from pathlib import Path
 
     cfg = Path(__file__).resolve().parents[2] / "deploy" / "slurm" / "chunkem-slurm.yaml"
+    monkeypatch.chdir(tmp_path)  # the config's relative log-directory is made here, not in the checkout
     kw = cl.read_cluster_config(cfg)
     assert kw["jobs"] == 2
     c = cl.slurm_cluster(cfg, interface="lo")  # ib0 does not exist here
