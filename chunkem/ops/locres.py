@@ -41,7 +41,8 @@
     Gaussian of standard deviation ``0.7 / window`` in power; bands equal
     to the numerically computed ``T_j`` (and the mean removal of the exact
     mode) gave the same agreement (NPC sphere, before the mirrored faces:
-    86.5 % vs 86.4 %; phantom 98.7 % vs 99.0 %), and the mean curves of the two modes agree to < 0.01 in FSC.
+    86.5 % vs 86.4 %; phantom 98.7 % vs 99.0 %), and the mean curves of the
+    two modes agree to < 0.01 in FSC.
     What remains is noise, not bias: the fast kernel equals the exact one
     times the window autocorrelation in ``u - u'``, so it averages more
     Fourier modes and its curve is smoother. Where the local FSC hovers
@@ -55,7 +56,8 @@
     with itself one voxel away (0.88-0.91), but the fast values spread only
     0.68-0.82x as much; bands and windows that match the exact spread
     (``w³`` or a shrunk ``w²``) lower the correlation and the NPC agreement
-    (sphere, before the mirrored faces: 85.0 -> 81-82 %). ``benchmarks/locres_fast_vs_exact.py`` measures both.
+    (sphere, before the mirrored faces: 85.0 -> 81-82 %).
+    ``benchmarks/locres_fast_vs_exact.py`` measures both.
 
     **Map faces.** Both modes see the map mirrored beyond its faces
     (``engine.local.extend``, half a window and two voxels, up to an
@@ -72,9 +74,10 @@
     ``1/window``). Phantom (64³, 1.1 Å, exact on every 4th voxel): window
     12 / 16 / 19 (default) / 24 voxels: 96.7 / 98.8 / 99.3 / 99.1 %
     (98.6 / 99.6 / 99.8 / 100 %); RMSE vs the known local resolution at the
-    default window 0.29 Å (fast) and 0.30 Å (exact). Real sub-tomogram-average half maps (NPC,
-    32³, the whole data set, 2.68 Å; the global FSC reaches Nyquist, so
-    the default window is 12 voxels), window 8 / 10 / 12 / 14 / 16 voxels:
+    default window 0.29 Å (fast) and 0.30 Å (exact). Real sub-tomogram-
+    average half maps (NPC, 32³, the whole data set, 2.68 Å; the global FSC
+    reaches Nyquist, so the default window is 12 voxels), window 8 / 10 /
+    12 / 14 / 16 voxels:
 
     * on the molecule (chunkem's FDR confidence mask of the averaged
       halves, 1 %, 876 voxels): 99.8 / 98.9 / 99.3 / 98.5 / 97.3 %
