@@ -1124,7 +1124,8 @@ def local_resolution(
             resolution=maps[0], method=method, mode=mode, window=window, box=box, cutoff=cutoffs[0], best=best,
             worst=worst_v, frequencies=freqs, global_resolution=glob, mask=mask, fill=float(fill),
             params={"pad": pad, "step": step if mode == "exact" else None,
-                    "band_sigma_per_A": K.effective_band_sigma(window) if mode == "fast" else None},
+                    "band_sigma_per_A": K.effective_band_sigma(window) if mode == "fast" else None,
+                    "faces": "mirrored", "face_extension_voxels": [int(a) for a, _ in ext]},
             extra=dict(zip(cutoffs[1:], maps[1:])),
         )
 
