@@ -24,7 +24,7 @@ Usage::
 
     python benchmarks/locres_fast_vs_exact.py [--data ../shared/data] [--windows 8 10 12 14 16] [--variants]
 
-Measured (session 6, both modes seeing the map mirrored beyond its faces)::
+Measured (session 6; ``faces="auto"`` mirrors all three axes of these maps, whose faces cut the density)::
 
     NPC half maps, fast vs exact: % of voxels within one padded shell 1/(2W) | one window shell 1/W (or 0.3 A);
     exact vs exact one voxel away along x (pairs in the set)
@@ -64,8 +64,9 @@ Measured (session 6, both modes seeing the map mirrored beyond its faces)::
       fast (as mode='fast')              corr 0.904 0.948 0.962 0.960 0.955   spread 0.68 0.75 0.79 0.79 0.82
 
 On the molecule fast and exact agree for 97-100 % of the voxels at every
-window, near the faces too (with the box wrapped around at its faces, as
-before session 6: 96.1 % at 12 voxels, 78 % of the voxels near a face).
+window, near the faces too (with the box wrapped around at its faces,
+``faces="periodic"``, as before session 6: 96.1 % at 12 voxels, 78 % of
+the voxels near a face).
 In the sphere's solvent the local FSC hovers near the cutoff and the first
 crossing is noise: fast vs exact tracks the exact mode's agreement with
 itself one voxel away.

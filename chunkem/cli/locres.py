@@ -67,6 +67,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pad", type=int, default=1, help="window padding factor (FFT size window × (pad+1))")
     g.add_argument("--band-spacing", type=float, metavar="1/Å", default=None,
                    help="--mode fast: spacing of the band centres (default 1/window)")
+    g.add_argument("--faces", choices=["auto", "mirror", "periodic"], default="auto",
+                   help="beyond the map's faces: mirrored, or wrapped around (periodic); auto (default) mirrors the "
+                        "axes whose faces carry density (half maps correlating above 0.05 there)")
     m = parser.add_argument_group("MonoRes")
     m.add_argument("--max-resolution", type=float, metavar="Å", default=None, help="coarsest resolution tested")
     m.add_argument("--resolution-step", type=float, metavar="Å", default=0.25)
@@ -98,6 +101,7 @@ def main(args: argparse.Namespace) -> int:
             r = local_resolution(
                 h1, h2, method=args.method, mode=args.mode, window=args.window, mask=mask, cutoff=args.cutoff,
                 step=args.step, best=args.best, worst=args.worst, pad=args.pad, band_spacing=args.band_spacing,
+                faces=args.faces,
                 max_resolution=args.max_resolution, resolution_step=args.resolution_step,
                 significance=args.significance, monores_filter=args.monores_filter, smoothing=args.smoothing,
                 fill=args.fill, strategy=args.fft_strategy,

@@ -59,15 +59,21 @@
     (sphere, before the mirrored faces: 85.0 -> 81-82 %).
     ``benchmarks/locres_fast_vs_exact.py`` measures both.
 
-    **Map faces.** Both modes see the map mirrored beyond its faces
-    (``engine.local.extend``, half a window and two voxels, up to an
-    FFT-friendly size), the fast mode's global FFTs included; blocres
-    leaves voxels within half a window of a face unestimated. A periodic
-    box (what the FFTs alone give) joins density cut by one face to the
-    opposite face, a jump that both halves share and that reads as fine
-    resolution: a phantom whose molecule is cut by the box face read 0.34-
-    0.43 Å too fine over the 6 slices next to the cut (median; exact and
-    fast alike), now within 0.06 Å of the uncut map.
+    **Map faces.** A periodic box (what the FFTs alone give) joins density
+    cut by one face to the opposite face, a jump that both halves share
+    and that reads as fine resolution: a phantom whose molecule is cut by
+    the box face read 0.34-0.43 Å too fine over the 6 slices next to the
+    cut (median; exact and fast alike). With ``faces="mirror"`` both modes
+    see the map mirrored beyond its faces (``engine.local.extend``, half a
+    window and two voxels, up to an FFT-friendly size), the fast mode's
+    global FFTs included: within 0.06 Å of the uncut map. It costs the
+    larger FFTs (256³, 21-voxel window: 288³, 16 -> 24 s, 1.4 -> 1.7 GB),
+    so ``faces="auto"`` (default) mirrors only the axes whose face slabs
+    carry density (their halves correlate above ``FACE_SIGNAL``): cropped
+    maps, sub-tomogram averages and tomograms get the mirror, centred
+    single-particle maps (solvent at the faces) the periodic box at no
+    cost. blocres leaves the voxels within half a window of a face
+    unestimated.
 
     Measured (fraction of mask voxels within one padded shell
     ``1/(2·window)`` or 0.3 Å, whichever is larger; in brackets within
@@ -544,13 +550,51 @@ def _band_fsc_block(h1, h2, state, *, offset, voxel_size, origin, map_shape, box
     return K.local_fsc_band_fsc(h1, h2, state, box=box, edge_pad=pads, **kw)
 
 
-def _face_widths(box: Sequence[int], shape: Sequence[int], step: int = 1) -> list[tuple[int, int]]:
-    """Voxels by which local FSC extends the map beyond each face (mirrored): half a window and ``max(2, step)``
-    more on the low side (every window of a voxel of the map, or of a grid point the exact mode interpolates
-    from, lies in the extended map, clear of its own wrap-around), at least that on the high side, up to an
-    FFT-friendly length."""
+#: Local FSC ``faces``: what lies beyond the map's faces.
+_FACES = ("auto", "mirror", "periodic")
+#: ``faces="auto"`` mirrors an axis whose face slabs' half maps correlate above this (shared signal): cut
+#: density 0.38-0.97 (a phantom cropped through its molecule, the NPC sub-tomogram averages), solvent faces of
+#: centred phantoms <= 0.015, independent noise 0.001.
+FACE_SIGNAL = 0.05
+
+
+def _face_correlation(h1: xr.DataArray, h2: xr.DataArray, *, thickness: Sequence[int]) -> list[float]:
+    """Per axis, the correlation of the two half maps over the slabs (``thickness`` voxels) at both faces of that
+    axis: the shared signal the box's wrap-around would join to the opposite face. Computes the face slabs only
+    (one small REDUCE)."""
+    sums = []
+    for ax, t in enumerate(thickness):
+        t = max(1, min(int(t), h1.shape[ax] // 2))
+        parts = []
+        for h in (h1.data, h2.data):
+            lo = h[(slice(None),) * ax + (slice(0, t),)]
+            hi = h[(slice(None),) * ax + (slice(h.shape[ax] - t, None),)]
+            parts.append([x.astype(np.float64) for x in (lo, hi)])
+        (a0, a1), (b0, b1) = parts
+        sums.append([a0.sum() + a1.sum(), b0.sum() + b1.sum(), (a0 * a0).sum() + (a1 * a1).sum(),
+                     (b0 * b0).sum() + (b1 * b1).sum(), (a0 * b0).sum() + (a1 * b1).sum(), 2 * a0.size])
+    if any(isinstance(v, da.Array) for row in sums for v in row):
+        import dask
+
+        (sums,) = dask.compute(sums)
     out = []
-    for b, n in zip(box, shape):
+    for sa, sb, saa, sbb, sab, n in sums:
+        va, vb = saa - sa * sa / n, sbb - sb * sb / n
+        out.append(float((sab - sa * sb / n) / math.sqrt(va * vb)) if va > 0 and vb > 0 else 0.0)
+    return out
+
+
+def _face_widths(box: Sequence[int], shape: Sequence[int], mirrored: Sequence[bool],
+                 step: int = 1) -> list[tuple[int, int]]:
+    """Voxels by which local FSC extends the map beyond each face of the ``mirrored`` axes (none elsewhere): half
+    a window and ``max(2, step)`` more on the low side (every window of a voxel of the map, or of a grid point
+    the exact mode interpolates from, lies in the extended map, clear of its own wrap-around), at least that on
+    the high side, up to an FFT-friendly length."""
+    out = []
+    for b, n, m in zip(box, shape, mirrored):
+        if not m:
+            out.append((0, 0))
+            continue
         lo = int(b) // 2 + max(2, int(step))
         out.append((lo, scipy.fft.next_fast_len(int(n) + 2 * lo, real=True) - int(n) - lo))
     return out
@@ -620,13 +664,13 @@ def _localfsc_exact(h1, h2, mask, *, box, vs, cutoffs, best, worst, pad, step, g
     if stepped:
         org = tuple(float(o) for o in grid_origin)
         kw.update(step=step, origin=org)
-        grids = run_local(_exact_block, *vols, reach=reach, with_offset=True,
+        grids = run_local(_exact_block, *vols, reach=reach, boundary="periodic", with_offset=True,
                           has_mask=mask is not None, name="local_resolution", outputs=len(cutoffs), **kw)
         res = [run_local(_interp_block, *([g] + ([mask] if mask is not None else [])),
                          reach=tuple(s * v for s, v in zip(step, vs)), with_offset=True, has_mask=mask is not None,
                          step=step, origin=org, name="local_resolution") for g in grids]
     else:
-        res = run_local(_exact_block, *vols, reach=reach, has_mask=mask is not None,
+        res = run_local(_exact_block, *vols, reach=reach, boundary="periodic", has_mask=mask is not None,
                         name="local_resolution", outputs=len(cutoffs), **kw)
     fshape = tuple(b * (pad + 1) for b in box)
     freqs = K.shell_layout(fshape, vs).frequency[1:].tolist()
@@ -961,6 +1005,7 @@ def local_resolution(
     worst: float | None = None,
     pad: int = 1,
     band_spacing: float | None = None,
+    faces: str = "auto",
     max_resolution: float | None = None,
     resolution_step: float = 0.25,
     significance: float = 0.95,
@@ -1018,6 +1063,17 @@ def local_resolution(
         of the window, ``1 / window``; ``1 / (window · (pad + 1))`` samples
         the exact mode's shells). The cost is proportional to the number
         of bands, ``Nyquist / band_spacing``.
+    faces
+        Local FSC, both modes: what lies beyond the map's faces.
+        ``"mirror"``: the map mirrored (extended by half a window and a few
+        voxels; costs the larger FFTs). ``"periodic"``: the box wrapped
+        around, as its FFTs see it (density cut by one face meets the
+        opposite face: a jump both halves share, read as fine resolution
+        near those faces). ``"auto"`` (default): mirrored along each axis
+        whose two face slabs (half a window thick) carry density, i.e.
+        where the halves correlate at more than ``FACE_SIGNAL`` (0.05:
+        cropped maps, sub-tomogram averages, tomograms), periodic where the
+        faces are solvent (centred single-particle maps: nothing to pay).
     max_resolution
         MonoRes: coarsest resolution tested (Å; default
         ``min(box / 3, max(20 Å, 5 × Nyquist))``).
@@ -1044,8 +1100,9 @@ def local_resolution(
     Returns
     -------
     LocalResolutionResult
-        ``.resolution`` is lazy for dask input. The default window and the
-        mask check compute small reductions; statistics compute on demand.
+        ``.resolution`` is lazy for dask input. The default window, the
+        mask check and ``faces="auto"`` (sums over the face slabs) compute
+        small reductions; statistics compute on demand.
 
     Raises
     ------
@@ -1106,9 +1163,14 @@ def local_resolution(
             spacing = float(band_spacing) if band_spacing is not None else 1.0 / window
             if not spacing > 0:
                 raise ParameterError(f"band_spacing must be positive (1/Å), got {band_spacing}")
-        # both modes see the map mirrored beyond its faces (not wrapped around: a periodic box joins density
-        # cut by one face to the opposite face, a jump both halves share, which reads as fine resolution)
-        ext = _face_widths(box, shape, step=max(st) if st else 1)
+        # both modes see the map mirrored beyond the faces that carry density (not wrapped around: a periodic
+        # box joins density cut by one face to the opposite face, a jump both halves share, which reads as
+        # fine resolution)
+        if faces not in _FACES:
+            raise ParameterError(f"faces must be one of {', '.join(_FACES)}, got {faces!r}")
+        face_r = _face_correlation(half1, half2, thickness=[b // 2 for b in box]) if faces == "auto" else None
+        mirrored = [faces == "mirror" or (face_r is not None and r > FACE_SIGNAL) for r in (face_r or [0.0] * 3)]
+        ext = _face_widths(box, shape, mirrored, step=max(st) if st else 1)
         h1e, h2e = (extend(h, ext) for h in (half1, half2))
         me = extend(mask if mask is not None else like(half1, _ones_like(half1.data), name="mask"), ext,
                     mode="constant", value=0.0)
@@ -1125,7 +1187,9 @@ def local_resolution(
             worst=worst_v, frequencies=freqs, global_resolution=glob, mask=mask, fill=float(fill),
             params={"pad": pad, "step": step if mode == "exact" else None,
                     "band_sigma_per_A": K.effective_band_sigma(window) if mode == "fast" else None,
-                    "faces": "mirrored", "face_extension_voxels": [int(a) for a, _ in ext]},
+                    "faces": faces, "mirrored_axes": "".join(a for a, m in zip("zyx", mirrored) if m),
+                    "face_correlation": [round(float(r), 4) for r in face_r] if face_r is not None else None,
+                    "face_extension_voxels": [int(a) for a, _ in ext]},
             extra=dict(zip(cutoffs[1:], maps[1:])),
         )
 

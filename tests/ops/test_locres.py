@@ -223,17 +223,25 @@ def test_density_cut_by_the_box_face(phantom, mode):
     and -0.41 / -0.43 Å (exact) at cuts 23 / 32, 37-45 % of the voxels within 0.3 Å. Measured now: medians
     +0.005 / +0.059 Å (fast), +0.004 / +0.052 Å (exact); 89-95 % within 0.3 Å."""
     kw = dict(window=20.0, mode=mode, step=2 if mode == "exact" else None)
-    whole = local_resolution(phantom.half1, phantom.half2, mask=phantom.mask, **kw).resolution.values
+    whole_r = local_resolution(phantom.half1, phantom.half2, mask=phantom.mask, **kw)
+    assert whole_r.params["mirrored_axes"] == ""  # solvent at every face: the periodic box, nothing to pay
+    assert max(whole_r.params["face_correlation"]) < 0.05
+    whole = whole_r.resolution.values
     for cut in (23, 32):
         sl = (slice(cut, None), slice(None), slice(None))
         halves = [make_volume(h.values[sl], voxel_size=1.1) for h in (phantom.half1, phantom.half2)]
         mask = make_volume(phantom.mask.values[sl], voxel_size=1.1)
-        got = local_resolution(*halves, mask=mask, **kw).resolution.values
+        r = local_resolution(*halves, mask=mask, **kw)
+        assert r.params["mirrored_axes"] == "z"  # only the cut axis (face correlation 0.38-0.39)
         near = mask.values > 0.5
         near[6:] = False  # within 6 voxels (6.6 Å) of the cut face
-        d = (got - whole[sl])[near]
+        d = (r.resolution.values - whole[sl])[near]
         assert abs(np.median(d)) < 0.15, (cut, np.median(d))
         assert np.mean(np.abs(d) <= 0.3) > 0.8, (cut, np.mean(np.abs(d) <= 0.3))
+        if mode == "fast":  # the wrapped-around box reads finer there
+            p = local_resolution(*halves, mask=mask, faces="periodic", **kw)
+            assert p.params["mirrored_axes"] == ""
+            assert np.median((p.resolution.values - whole[sl])[near]) < -0.2
 
 
 # --------------------------------------------------------------------------- real half maps
@@ -297,6 +305,7 @@ def test_npc_fast_vs_exact(npc):
     assert 300 < n_mol < 3000 and (mol.values > 0.5)[sphere].mean() < 0.2
     fast_m = local_resolution(h1, h2, mask=mol)
     assert fast_m.box == (12, 12, 12)  # the default window
+    assert fast_m.params["mirrored_axes"] == "zyx"  # density at every face (face correlation 0.92-0.97)
     shell = 1.0 / (2 * fast_m.window)
     ex_m = local_resolution(h1, h2, mask=mol, mode="exact", window=fast_m.window)
     sm = mol.values > 0.5
@@ -333,9 +342,12 @@ def test_npc_fast_vs_exact(npc):
 
 
 @pytest.mark.parametrize("kw", [dict(mode="fast", band_spacing=1 / 20.0), dict(mode="exact", step=3),
+                                dict(mode="fast", band_spacing=1 / 20.0, faces="mirror"),
+                                dict(mode="exact", step=3, faces="mirror"),
                                 dict(method="monores", max_resolution=9.0, resolution_step=0.5),
                                 dict(method="monores", max_resolution=9.13, resolution_step=0.37)],
-                         ids=["fast", "exact-step3", "monores", "monores-odd-steps"])
+                         ids=["fast", "exact-step3", "fast-mirror", "exact-step3-mirror", "monores",
+                              "monores-odd-steps"])
 def test_chunk_invariance(small, kw):
     ref = local_resolution(small.half1, small.half2, mask=small.mask, window=14.0, **kw).resolution.values
     ch = {"z": 10, "y": 13, "x": 16}
@@ -404,12 +416,24 @@ def _no_compute(*args, **kwargs):
 
 
 def test_lazy_in_lazy_out(small):
+    """Given the window and the face treatment nothing is computed; faces="auto" reads the face slabs only."""
     ch = {"z": 20, "y": 20, "x": 20}
     h1, h2 = small.half1.chunk(ch), small.half2.chunk(ch)
-    with dask.config.set(scheduler=_no_compute):
+    for faces in ("periodic", "mirror"):
+        with dask.config.set(scheduler=_no_compute):
+            r = local_resolution(h1, h2, window=14.0, faces=faces)
+            f = local_filter(h1, locres=r.resolution)
+        assert isinstance(r.resolution.data, da.Array) and isinstance(f.data, da.Array)
+    seen = []
+
+    def record(dsk, keys, **kw):
+        graph = dsk.__dask_graph__() if hasattr(dsk, "__dask_graph__") else dsk
+        seen.append(keys)
+        return dask.get(graph, keys, **kw)
+
+    with dask.config.set(scheduler=record):
         r = local_resolution(h1, h2, window=14.0)
-        f = local_filter(h1, locres=r.resolution)
-    assert isinstance(r.resolution.data, da.Array) and isinstance(f.data, da.Array)
+    assert len(seen) == 1 and isinstance(r.resolution.data, da.Array)  # one small REDUCE: the face slabs' sums
 
 
 def test_monores_one_map_lazy_and_chunk_invariant(small, monkeypatch):
@@ -502,6 +526,8 @@ def test_bad_inputs(small):
         local_resolution(h1)
     with pytest.raises(ParameterError, match="method"):
         local_resolution(h1, h2, method="resmap")
+    with pytest.raises(ParameterError, match="faces must be one of auto, mirror, periodic"):
+        local_resolution(h1, h2, window=14.0, faces="reflect")
     with pytest.raises(ParameterError, match="finer than Nyquist"):
         local_resolution(h1, h2, window=14.0, best=2.0)
     with pytest.raises(ParameterError, match="step"):
