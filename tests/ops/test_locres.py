@@ -244,6 +244,30 @@ def test_density_cut_by_the_box_face(phantom, mode):
             assert np.median((p.resolution.values - whole[sl])[near]) < -0.2
 
 
+def test_face_correlation_is_the_half_maps_correlation_over_the_face_slabs():
+    """faces="auto" decides per axis from the correlation of the halves over that axis's two face slabs: equal to
+    numpy's corrcoef of the slabs, lazily on any chunking; shared signal only at the z faces flags z only."""
+    from chunkem.ops.locres import FACE_SIGNAL, _face_correlation
+
+    rng = np.random.default_rng(4)
+    shape, t = (30, 26, 28), 4
+    shared = np.zeros(shape)
+    inner = (slice(t, shape[1] - t), slice(t, shape[2] - t))  # away from the y and x face slabs
+    shared[(slice(0, t),) + inner] = rng.standard_normal((t, shape[1] - 2 * t, shape[2] - 2 * t))
+    shared[(slice(shape[0] - t, None),) + inner] = rng.standard_normal((t, shape[1] - 2 * t, shape[2] - 2 * t))
+    h1, h2 = (make_volume(shared + rng.standard_normal(shape), voxel_size=1.3) for _ in range(2))
+    want = []
+    for ax in range(3):
+        a, b = (np.moveaxis(h.values.astype(np.float64), ax, 0) for h in (h1, h2))
+        want.append(np.corrcoef(np.concatenate([a[:t], a[-t:]]).ravel(), np.concatenate([b[:t], b[-t:]]).ravel())[0, 1])
+    got = _face_correlation(h1, h2, thickness=[t] * 3)
+    ch = {"z": 7, "y": 11, "x": 28}
+    lazy = _face_correlation(h1.chunk(ch), h2.chunk(ch), thickness=[t] * 3)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    np.testing.assert_allclose(lazy, want, atol=1e-6)
+    assert got[0] > 0.25 and max(abs(got[1]), abs(got[2])) < FACE_SIGNAL
+
+
 # --------------------------------------------------------------------------- real half maps
 
 
