@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -126,7 +127,8 @@ def test_check_independent_refuses_one_file_twice(tmp_path):
         with pytest.raises(DataValueError, match="half1 and half2 hold the same values"):
             check_independent(h1, h2, data=True)
     check_independent(mem, mem + 1e-3, data=True)
-    check_independent(mem.chunk(8), mem.chunk(4), data=True)  # lazy, two graphs: not computed
+    with dask.config.set(scheduler=_fail_if_computed):
+        check_independent(mem.chunk(8), mem.chunk(4), data=True)  # lazy, two graphs: not computed
     with pytest.raises(DataValueError, match="hold the same values"):
         local_resolution(mem, mem.copy(), window=8.0)
 
@@ -143,3 +145,7 @@ def test_check_aligned_names_the_mismatch():
         check_aligned(a, c)
     with pytest.raises(GeometryError, match="origin"):
         check_aligned(a, d)
+
+
+def _fail_if_computed(*args, **kwargs):  # a dask scheduler
+    raise AssertionError("computed")

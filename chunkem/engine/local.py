@@ -28,7 +28,7 @@ from ..errors import GeometryError, ParameterError
 from ..volume import as_triple, check_aligned, like, make_volume, origin, voxel_size
 from .chunks import min_chunk_chunks
 
-__all__ = ["halo_voxels", "run_local", "BOUNDARIES", "pad_array", "extend", "crop"]
+__all__ = ["halo_voxels", "run_local", "BOUNDARIES", "pad_array", "extend", "crop", "fft_widths"]
 
 BOUNDARIES = ("none", "periodic", "reflect", "nearest")
 # numpy.pad modes equivalent to dask's overlap boundaries (dask "reflect"
@@ -347,6 +347,8 @@ def pad_array(x: Any, widths: Sequence[tuple[int, int]], *, mode: str = "symmetr
     widths = [(int(a), int(b)) for a, b in widths]
     if any(a < 0 or b < 0 for a, b in widths):
         raise ParameterError(f"pad widths must be >= 0 voxels, got {widths}")
+    if not any(a or b for a, b in widths):
+        return x
     if not isinstance(x, da.Array):
         if mode == "symmetric":
             return np.pad(np.asarray(x), widths, mode="symmetric")
@@ -371,7 +373,9 @@ def extend(vol: xr.DataArray, widths: Sequence[tuple[int, int]], *, mode: str = 
            value: Any = 0.0) -> xr.DataArray:
     """The Volume extended beyond its faces by ``widths`` ((before, after) voxels per axis), as
     :func:`pad_array` does; the origin moves by ``-before`` voxels, so every voxel keeps its position in Å.
-    Lazy in, lazy out. :func:`crop` with the same widths gives the Volume back."""
+    Lazy in, lazy out. :func:`crop` with the same widths gives the Volume back; zero widths give ``vol``."""
+    if not any(int(a) or int(b) for a, b in widths):
+        return vol
     data = pad_array(vol.data, widths, mode=mode, value=value)
     org = tuple(o - int(a) * v for o, (a, _), v in zip(origin(vol), widths, voxel_size(vol)))
     return make_volume(data, voxel_size=voxel_size(vol), origin=org, name=vol.name,
@@ -382,9 +386,24 @@ def crop(vol: xr.DataArray, widths: Sequence[tuple[int, int]]) -> xr.DataArray:
     """The Volume without ``widths`` ((before, after) voxels per axis) at its faces (origin moved to match):
     the inverse of :func:`extend`."""
     widths = [(int(a), int(b)) for a, b in widths]
+    if not any(a or b for a, b in widths):
+        return vol
     sl = tuple(slice(a, n - b) for (a, b), n in zip(widths, vol.shape))
     if any(s.stop <= s.start for s in sl):
         raise ParameterError(f"crop: widths {widths} leave nothing of a Volume of shape {tuple(vol.shape)}")
     org = tuple(o + a * v for o, (a, _), v in zip(origin(vol), widths, voxel_size(vol)))
     return make_volume(vol.data[sl], voxel_size=voxel_size(vol), origin=org, name=vol.name,
                        header=(vol.attrs.get("header") or None))
+
+
+def fft_widths(before: Sequence[int], shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Pad widths ``(before, after)`` per axis for a map about to be Fourier transformed: ``before`` voxels on
+    the low side, at least as many on the high side, up to an FFT-friendly length
+    (``scipy.fft.next_fast_len``, real transforms); ``(0, 0)`` where ``before`` is 0."""
+    import scipy.fft
+
+    out = []
+    for b, n in zip(before, shape):
+        b, n = int(b), int(n)
+        out.append((b, scipy.fft.next_fast_len(n + 2 * b, real=True) - n - b) if b > 0 else (0, 0))
+    return out

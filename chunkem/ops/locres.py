@@ -146,14 +146,14 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-import scipy.fft
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.local import crop, extend, run_local
+from ..engine.local import crop, extend, fft_widths, run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locres as K
 from ..kernels import spiral as KS
+from ..kernels.render import cc_from_sums, cc_sums
 from ..volume import check_aligned, check_independent, like, validate_volume, voxel_size
 
 __all__ = [
@@ -560,27 +560,22 @@ FACE_SIGNAL = 0.05
 
 def _face_correlation(h1: xr.DataArray, h2: xr.DataArray, *, thickness: Sequence[int]) -> list[float]:
     """Per axis, the correlation of the two half maps over the slabs (``thickness`` voxels) at both faces of that
-    axis: the shared signal the box's wrap-around would join to the opposite face. Computes the face slabs only
-    (one small REDUCE)."""
+    axis: the shared signal the box's wrap-around would join to the opposite face (0 where a slab is flat).
+    Computes the face slabs only: one small REDUCE of :func:`~chunkem.kernels.render.cc_sums`."""
     sums = []
     for ax, t in enumerate(thickness):
         t = max(1, min(int(t), h1.shape[ax] // 2))
-        parts = []
-        for h in (h1.data, h2.data):
-            lo = h[(slice(None),) * ax + (slice(0, t),)]
-            hi = h[(slice(None),) * ax + (slice(h.shape[ax] - t, None),)]
-            parts.append([x.astype(np.float64) for x in (lo, hi)])
-        (a0, a1), (b0, b1) = parts
-        sums.append([a0.sum() + a1.sum(), b0.sum() + b1.sum(), (a0 * a0).sum() + (a1 * a1).sum(),
-                     (b0 * b0).sum() + (b1 * b1).sum(), (a0 * b0).sum() + (a1 * b1).sum(), 2 * a0.size])
-    if any(isinstance(v, da.Array) for row in sums for v in row):
+        for part in (slice(0, t), slice(h1.shape[ax] - t, None)):
+            sl = (slice(None),) * ax + (part,)
+            sums.append(_summed(cc_sums, h1.data[sl], h2.data[sl], size=6))
+    if any(isinstance(v, da.Array) for v in sums):
         import dask
 
-        (sums,) = dask.compute(sums)
+        sums = list(dask.compute(*sums))
     out = []
-    for sa, sb, saa, sbb, sab, n in sums:
-        va, vb = saa - sa * sa / n, sbb - sb * sb / n
-        out.append(float((sab - sa * sb / n) / math.sqrt(va * vb)) if va > 0 and vb > 0 else 0.0)
+    for lo, hi in zip(sums[0::2], sums[1::2]):
+        r = cc_from_sums(np.asarray(lo) + np.asarray(hi))
+        out.append(r if math.isfinite(r) else 0.0)
     return out
 
 
@@ -590,14 +585,7 @@ def _face_widths(box: Sequence[int], shape: Sequence[int], mirrored: Sequence[bo
     a window and ``max(2, step)`` more on the low side (every window of a voxel of the map, or of a grid point
     the exact mode interpolates from, lies in the extended map, clear of its own wrap-around), at least that on
     the high side, up to an FFT-friendly length."""
-    out = []
-    for b, n, m in zip(box, shape, mirrored):
-        if not m:
-            out.append((0, 0))
-            continue
-        lo = int(b) // 2 + max(2, int(step))
-        out.append((lo, scipy.fft.next_fast_len(int(n) + 2 * lo, real=True) - int(n) - lo))
-    return out
+    return fft_widths([int(b) // 2 + max(2, int(step)) if m else 0 for b, m in zip(box, mirrored)], shape)
 
 
 def _ones_like(data):
@@ -697,8 +685,28 @@ def _quantile_block(values, select=None, *, q):
 _MIN_ASSIGNED = 0.5
 
 
-def _counts_block(state, *, n_steps):
-    return K.monores_state_counts(state, n_steps=n_steps)[None, None, None, :]
+class _VectorBlock:
+    """Picklable: ``func`` of one block (or of aligned blocks) as a vector, on a 4-D block for summing."""
+
+    def __init__(self, func, kw):
+        self.func, self.kw = func, kw
+
+    def __call__(self, *blocks):
+        return np.asarray(self.func(*blocks, **self.kw))[None, None, None, :]
+
+
+def _summed(func, *arrays, size: int, dtype=np.float64, **kw):
+    """``Σ func(*blocks, **kw)`` over the blocks of aligned 3-D arrays, ``func`` giving a vector of ``size``
+    additive sums (counts, moments): a chunk-invariant REDUCE, nothing gathered. A lazy 1-d array when any array
+    is lazy (aligned to the first lazy one's chunks), else the vector of the whole arrays."""
+    if not any(isinstance(a, da.Array) for a in arrays):
+        return np.asarray(func(*arrays, **kw))
+    ref = next(a for a in arrays if isinstance(a, da.Array))
+    arrs = [a.rechunk(ref.chunks) if isinstance(a, da.Array) else da.from_array(np.asarray(a), chunks=ref.chunks)
+            for a in arrays]
+    per = da.map_blocks(_VectorBlock(func, kw), *arrs, new_axis=3, dtype=dtype,
+                        chunks=tuple((1,) * nb for nb in ref.numblocks) + ((int(size),),))
+    return per.sum(axis=(0, 1, 2))
 
 
 def _median_of_counts(counts, *, resolutions):
@@ -724,11 +732,9 @@ def _state_median(state, *, resolutions):
     chunk-invariant REDUCE of ``len(resolutions) + 1`` integers per block, nothing gathered); a lazy 0-d
     array when the state is lazy, else its value."""
     n = len(resolutions)
-    if not isinstance(state, da.Array):
-        return _median_of_counts(K.monores_state_counts(state, n_steps=n), resolutions=resolutions)
-    per = da.map_blocks(_counts_block, state, n_steps=n, new_axis=3, dtype=np.int64,
-                        chunks=tuple((1,) * nb for nb in state.numblocks) + ((n + 1,),))
-    total = per.sum(axis=(0, 1, 2))
+    total = _summed(K.monores_state_counts, state, size=n + 1, dtype=np.int64, n_steps=n)
+    if not isinstance(total, da.Array):
+        return _median_of_counts(total, resolutions=resolutions)
     return da.map_blocks(_median_of_counts, total, drop_axis=[0], dtype=np.float64,
                          meta=np.empty((), np.float64), resolutions=resolutions)
 
@@ -1172,8 +1178,10 @@ def local_resolution(
         mirrored = [faces == "mirror" or (face_r is not None and r > FACE_SIGNAL) for r in (face_r or [0.0] * 3)]
         ext = _face_widths(box, shape, mirrored, step=max(st) if st else 1)
         h1e, h2e = (extend(h, ext) for h in (half1, half2))
-        me = extend(mask if mask is not None else like(half1, _ones_like(half1.data), name="mask"), ext,
-                    mode="constant", value=0.0)
+        me = mask  # the extension is outside the map: never estimated
+        if any(mirrored):
+            me = extend(mask if mask is not None else like(half1, _ones_like(half1.data), name="mask"), ext,
+                        mode="constant", value=0.0)
         if mode == "exact":
             maps, freqs = _localfsc_exact(h1e, h2e, me, box=box, vs=vs, cutoffs=cutoffs, best=best, worst=worst_v,
                                           pad=pad, step=st, grid_origin=half1.attrs["origin"])

@@ -68,11 +68,10 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
-import scipy.fft
 import xarray as xr
 
 from ..engine import spectral
-from ..engine.local import pad_array, run_local
+from ..engine.local import fft_widths, pad_array, run_local
 from ..errors import DataValueError, ParameterError
 from ..kernels import locscale as KL
 from ..kernels.filters import radius
@@ -353,7 +352,7 @@ def locscale(
     h = tuple(n // 2 for n in wn)
     widths = [(hh, hh) for hh in h]
     if mode == "fast":  # whole-map FFTs follow: pad the far side up to an FFT-friendly length
-        widths = [(hh, scipy.fft.next_fast_len(n + 2 * hh, real=True) - n - hh) for hh, n in zip(h, vol.shape)]
+        widths = fft_widths(h, vol.shape)
     org = origin(vol)
     org_p = tuple(o - hh * v for o, hh, v in zip(org, h, vs))
     em_p = pad_array(em, widths, mode="constant", value=_outside_mean(em, sel))

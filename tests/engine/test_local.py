@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chunkem.engine.chunks import auto_chunks, min_chunk_chunks
-from chunkem.engine.local import crop, extend, halo_voxels, pad_array, run_local
+from chunkem.engine.local import crop, extend, fft_widths, halo_voxels, pad_array, run_local
 from chunkem.errors import GeometryError, ParameterError
 from chunkem.volume import make_volume
 
@@ -244,3 +244,21 @@ def test_pad_array_lazy_value_and_bad_arguments():
         pad_array(x, [(-1, 1)] * 3)
     with pytest.raises(ParameterError, match="leave nothing"):
         crop(make_volume(np.zeros((4, 4, 4)), voxel_size=1.0), [(2, 2), (0, 0), (0, 0)])
+    v = make_volume(x, voxel_size=1.0)
+    assert extend(v, [(0, 0)] * 3) is v and crop(v, [(0, 0)] * 3) is v and pad_array(x, [(0, 0)] * 3) is x
+
+
+def test_fft_widths():
+    """``before`` on the low side, at least as many on the high side, to a 2-3-5 length; nothing where 0."""
+    assert fft_widths([12, 0, 10], (256, 256, 400)) == [(12, 20), (0, 0), (10, 22)]  # 288 = 2^5 3^2, 432 = 2^4 3^3
+    for b, n in [(3, 17), (8, 97), (1, 1)]:
+        ((lo, hi),) = fft_widths([b], (n,))
+        m = n + lo + hi
+        assert lo == b and hi >= b and m == min(k for k in range(n + 2 * b, 2 * m) if _is_235(k))
+
+
+def _is_235(k: int) -> bool:
+    for p in (2, 3, 5):
+        while k % p == 0:
+            k //= p
+    return k == 1
