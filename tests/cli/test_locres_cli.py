@@ -130,3 +130,16 @@ def test_cli_errors(files, capsys, tmp_path):
     assert rc == 2
     assert "twice" in capsys.readouterr().err
     assert not (tmp_path / "y.mrc").exists()
+
+
+def test_locres_help_states_the_face_threshold_in_use():
+    """--faces' help names the threshold (the CLI imports no op at parse time, so the number is written there):
+    it must be the one local_resolution uses."""
+    import argparse
+
+    from chunkem.cli.locres import add_args
+    from chunkem.ops.locres import FACE_SIGNAL
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    assert f"correlating above {FACE_SIGNAL:g} there" in " ".join(p.format_help().split())
